@@ -1,0 +1,144 @@
+// The bilinear sampling core of deformops: one copy, shared by every kernel on
+// every device. Torch-free: it compiles as plain C++ and under nvcc.
+//
+// Conventions (DESIGN.md): a location (y, x) is in pixel units of an h x w map
+// whose pixel centres are at integer coordinates. The four corners are
+// (y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1) with y0 = floor(y),
+// x0 = floor(x). A corner outside the map contributes zero (zero padding).
+// A location that is not finite, or lies at or beyond one pixel outside the map,
+// samples zero and has zero gradient.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define DEFORMOPS_HD __host__ __device__ __forceinline__
+#define DEFORMOPS_UNROLL _Pragma("unroll")
+#else
+#define DEFORMOPS_HD inline
+#define DEFORMOPS_UNROLL
+#endif
+
+namespace deformops {
+
+// The four corners of one bilinear sample. `offset[i]` is the flat spatial index
+// y * w + x of corner i (0 for a corner outside the map, so that a load from it is
+// always in bounds), `weight[i]` its interpolation weight (0 outside the map), and
+// `dweight_dy[i]`, `dweight_dx[i]` the derivatives of that weight with respect to
+// the location (0 outside the map). Corner order: (y0,x0), (y0,x0+1), (y0+1,x0),
+// (y0+1,x0+1).
+template <typename T>
+struct Corners {
+  int64_t offset[4];
+  T weight[4];
+  T dweight_dy[4];
+  T dweight_dx[4];
+};
+
+// Computes the corners of the sample at (y, x) on an h x w map.
+template <typename T>
+DEFORMOPS_HD Corners<T> bilinear_corners(T y, T x, int64_t h, int64_t w) {
+  Corners<T> c;
+DEFORMOPS_UNROLL
+  for (int i = 0; i < 4; ++i) {
+    c.offset[i] = 0;
+    c.weight[i] = T(0);
+    c.dweight_dy[i] = T(0);
+    c.dweight_dx[i] = T(0);
+  }
+  // Negated test so that NaN fails it.
+  if (!(y > T(-1) && x > T(-1) && y < static_cast<T>(h) && x < static_cast<T>(w))) {
+    return c;
+  }
+  const T fy = floor(y);
+  const T fx = floor(x);
+  const int64_t y0 = static_cast<int64_t>(fy);
+  const int64_t x0 = static_cast<int64_t>(fx);
+  const T ly = y - fy;
+  const T lx = x - fx;
+  const T hy = T(1) - ly;
+  const T hx = T(1) - lx;
+  const bool in_y[2] = {y0 >= 0, y0 + 1 < h};
+  const bool in_x[2] = {x0 >= 0, x0 + 1 < w};
+  const T wy[2] = {hy, ly};
+  const T wx[2] = {hx, lx};
+  const T sy[2] = {T(-1), T(1)};  // d wy[a] / dy
+  const T sx[2] = {T(-1), T(1)};  // d wx[b] / dx
+DEFORMOPS_UNROLL
+  for (int a = 0; a < 2; ++a) {
+DEFORMOPS_UNROLL
+    for (int b = 0; b < 2; ++b) {
+      const int i = 2 * a + b;
+      if (in_y[a] && in_x[b]) {
+        c.offset[i] = (y0 + a) * w + (x0 + b);
+        c.weight[i] = wy[a] * wx[b];
+        c.dweight_dy[i] = sy[a] * wx[b];
+        c.dweight_dx[i] = wy[a] * sx[b];
+      }
+    }
+  }
+  return c;
+}
+
+// Loads element `i` of `data` (any storage type convertible to T: float, double,
+// half and bfloat16 of either CUDA or ATen) as the accumulation type T.
+template <typename T, typename V>
+DEFORMOPS_HD T load_as(const V* data, int64_t i) {
+  return static_cast<T>(data[i]);
+}
+
+// The bilinear sample of one channel: `data` points at the channel's value at
+// spatial index 0, and `stride` is the distance in elements between consecutive
+// spatial indices (1 for NCHW planes, C for channels-last, M * D for MSDA values).
+template <typename T, typename V>
+DEFORMOPS_HD T bilinear_sample(const V* data, int64_t stride, const Corners<T>& c) {
+  T out = T(0);
+DEFORMOPS_UNROLL
+  for (int i = 0; i < 4; ++i) {
+    out += c.weight[i] * load_as<T>(data, c.offset[i] * stride);
+  }
+  return out;
+}
+
+// The backward of one channel's sample, given the upstream gradient `g` of the
+// sampled value:
+//  - adds g * weight[i] to the value gradient at each corner through `add(ptr, v)`
+//    (a plain add on the CPU under partitioning, an atomic add on the GPU);
+//  - accumulates d(sample)/dy * g and d(sample)/dx * g into `grad_y`, `grad_x`.
+// `grad_data` may be null when the value gradient is not wanted.
+template <typename T, typename V, typename G, typename Add>
+DEFORMOPS_HD void bilinear_sample_backward(const V* data, G* grad_data, int64_t stride,
+                                           const Corners<T>& c, T g, T& grad_y, T& grad_x,
+                                           Add add) {
+DEFORMOPS_UNROLL
+  for (int i = 0; i < 4; ++i) {
+    const T v = load_as<T>(data, c.offset[i] * stride);
+    grad_y += g * v * c.dweight_dy[i];
+    grad_x += g * v * c.dweight_dx[i];
+    if (grad_data != nullptr && c.weight[i] != T(0)) {
+      add(grad_data + c.offset[i] * stride, g * c.weight[i]);
+    }
+  }
+}
+
+// Derivatives of the sample with respect to the location only (no value gradient).
+template <typename T, typename V>
+DEFORMOPS_HD void bilinear_sample_grad_location(const V* data, int64_t stride,
+                                                const Corners<T>& c, T& dsample_dy,
+                                                T& dsample_dx) {
+DEFORMOPS_UNROLL
+  for (int i = 0; i < 4; ++i) {
+    const T v = load_as<T>(data, c.offset[i] * stride);
+    dsample_dy += v * c.dweight_dy[i];
+    dsample_dx += v * c.dweight_dx[i];
+  }
+}
+
+// Output size of a convolution along one dimension.
+DEFORMOPS_HD int64_t conv_out_size(int64_t in, int64_t kernel, int64_t stride, int64_t pad,
+                                   int64_t dilation) {
+  return (in + 2 * pad - dilation * (kernel - 1) - 1) / stride + 1;
+}
+
+}  // namespace deformops
