@@ -1,0 +1,326 @@
+"""The ``torch.library`` operators of deformops: schemas, fake kernels, autograd, dispatch.
+
+Four custom operators live in the ``deformops`` namespace:
+
+- ``deformops::deform_conv2d`` and ``deformops::deform_conv2d_backward``
+- ``deformops::multi_scale_deformable_attention`` and its ``_backward``
+
+Each forward has a fake (meta) kernel, so ``torch.compile`` and ``torch.export`` trace it
+without running it, and a registered autograd formula that calls the backward operator.
+The backward operators are not differentiable: asking for a second derivative
+(``create_graph=True``) raises an error instead of returning a wrong one.
+
+Each operator runs on the native library (``deformops_native``, compiled on first use by
+:mod:`deformops._build`) where it has a kernel for the device, else on
+:mod:`deformops.reference`. :func:`set_backend` and the environment variable
+``DEFORMOPS_BACKEND`` choose between them; :func:`backend` reports the choice.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from . import _build, reference
+
+__all__ = ["backend", "set_backend"]
+
+BackendName = Literal["native", "reference"]
+_BACKENDS = ("native", "reference")
+_override: str | None = None
+_resolved: dict[tuple[str, str, str], bool] = {}
+
+
+def _requested() -> str | None:
+    """The backend asked for by :func:`set_backend` or ``DEFORMOPS_BACKEND`` (None: automatic)."""
+    if _override is not None:
+        return _override
+    requested = os.environ.get("DEFORMOPS_BACKEND", "").strip().lower()
+    if requested in ("", "auto"):
+        return None
+    if requested not in _BACKENDS:
+        raise ValueError(
+            f"DEFORMOPS_BACKEND: expected one of 'native', 'reference' or 'auto', got {requested!r}"
+        )
+    return requested
+
+
+def set_backend(name: BackendName | None) -> None:
+    """Choose the implementation of every operator in this process.
+
+    Parameters
+    ----------
+    name : {"native", "reference"} or None
+        ``"native"`` requires the compiled library (an error is raised at the next call if
+        it cannot be built); ``"reference"`` uses the pure-PyTorch implementation; None
+        restores the default: ``DEFORMOPS_BACKEND`` if set, else native where it builds,
+        else reference.
+
+    Examples
+    --------
+    >>> import deformops
+    >>> deformops.set_backend("reference")
+    >>> deformops.backend("cpu")
+    'reference'
+    >>> deformops.set_backend(None)
+    """
+    global _override
+    if name is not None and name not in _BACKENDS:
+        raise ValueError(f"name: expected 'native', 'reference' or None, got {name!r}")
+    _override = name
+    _resolved.clear()
+
+
+_NATIVE_OPS = {
+    "deform_conv2d": "deform_conv2d_forward",
+    "multi_scale_deformable_attention": "msda_forward",
+}
+
+
+def _native_has(op: str, device_type: str) -> bool:
+    """Whether the loaded native library has a kernel of ``op`` for ``device_type``."""
+    key = "CUDA" if device_type == "cuda" else "CPU"
+    return torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"deformops_native::{_NATIVE_OPS[op]}", key
+    )
+
+
+def _use_native(op: str, device_type: str) -> bool:
+    requested = _requested()
+    if requested == "reference" or device_type not in ("cpu", "cuda"):
+        return False
+    key = (op, device_type, requested or "auto")
+    if key not in _resolved:
+        loaded = _build.load(device_type)
+        available = loaded and _native_has(op, device_type)
+        if requested == "native" and not available:
+            cause = _build.load_error(device_type) or (
+                f"the native library has no {device_type} kernel for {op}"
+            )
+            raise RuntimeError(f"deformops: the native backend was requested but {cause}")
+        _resolved[key] = available
+    return _resolved[key]
+
+
+def backend(
+    device: str | torch.device = "cpu",
+    op: Literal["deform_conv2d", "multi_scale_deformable_attention"] | None = None,
+) -> BackendName:
+    """The implementation that runs an operator on a device.
+
+    The first call for a device type builds (or loads from the cache) the native library.
+
+    Parameters
+    ----------
+    device : str or torch.device
+        Device on which the operator would run.
+    op : str, optional
+        ``"deform_conv2d"`` or ``"multi_scale_deformable_attention"``; by default, the
+        backend of the first (``"native"`` only if every operator has a native kernel).
+
+    Returns
+    -------
+    str
+        ``"native"`` or ``"reference"``.
+
+    Examples
+    --------
+    >>> import deformops
+    >>> deformops.backend("cpu") in ("native", "reference")
+    True
+    """
+    device_type = torch.device(device).type
+    ops = _NATIVE_OPS if op is None else [op]
+    if op is not None and op not in _NATIVE_OPS:
+        raise ValueError(f"op: expected one of {sorted(_NATIVE_OPS)}, got {op!r}")
+    return "native" if all(_use_native(name, device_type) for name in ops) else "reference"
+
+
+def _native() -> object:
+    return torch.ops.deformops_native
+
+
+# ----------------------------------------------------------------------------------------
+# Deformable convolution
+
+
+@torch.library.custom_op("deformops::deform_conv2d", mutates_args=())
+def deform_conv2d(
+    input: Tensor,
+    offset: Tensor,
+    weight: Tensor,
+    mask: Tensor | None,
+    bias: Tensor | None,
+    stride_h: int,
+    stride_w: int,
+    pad_h: int,
+    pad_w: int,
+    dilation_h: int,
+    dilation_w: int,
+) -> Tensor:
+    """Deformable convolution on validated arguments (see :func:`deformops.deform_conv2d`)."""
+    if _use_native("deform_conv2d", input.device.type):
+        return _native().deform_conv2d_forward(
+            input, offset, weight, mask, bias, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w
+        )
+    return reference.deform_conv2d(
+        input,
+        offset,
+        weight,
+        bias,
+        (stride_h, stride_w),
+        (pad_h, pad_w),
+        (dilation_h, dilation_w),
+        mask,
+    )
+
+
+@deform_conv2d.register_fake
+def _deform_conv2d_fake(input, offset, weight, mask, bias, *params):
+    out = input.new_empty((input.shape[0], weight.shape[0], offset.shape[2], offset.shape[3]))
+    return out.contiguous(memory_format=reference.memory_format_of(input))
+
+
+@torch.library.custom_op("deformops::deform_conv2d_backward", mutates_args=())
+def deform_conv2d_backward(
+    grad_output: Tensor,
+    input: Tensor,
+    offset: Tensor,
+    weight: Tensor,
+    mask: Tensor | None,
+    stride_h: int,
+    stride_w: int,
+    pad_h: int,
+    pad_w: int,
+    dilation_h: int,
+    dilation_w: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients ``(input, offset, weight, mask)`` of the deformable convolution without bias.
+
+    ``grad_mask`` is an empty tensor when ``mask`` is None.
+    """
+    params = (stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w)
+    if _use_native("deform_conv2d", input.device.type):
+        return tuple(
+            _native().deform_conv2d_backward(grad_output, input, offset, weight, mask, *params)
+        )
+    gi, go, gw, gm = reference.deform_conv2d_backward(
+        grad_output, input, offset, weight, mask, params[0:2], params[2:4], params[4:6]
+    )
+    return gi, go, gw, offset.new_empty(0) if gm is None else gm
+
+
+@deform_conv2d_backward.register_fake
+def _deform_conv2d_backward_fake(grad_output, input, offset, weight, mask, *params):
+    grad_mask = offset.new_empty(0) if mask is None else torch.empty_like(mask)
+    return torch.empty_like(input), torch.empty_like(offset), torch.empty_like(weight), grad_mask
+
+
+def _deform_conv2d_setup_context(ctx, inputs, output):
+    input, offset, weight, mask, bias, *params = inputs
+    ctx.save_for_backward(input, offset, weight, mask)
+    ctx.params = params
+    ctx.has_bias = bias is not None
+
+
+def _deform_conv2d_autograd(ctx, grad_output):
+    input, offset, weight, mask = ctx.saved_tensors
+    gi, go, gw, gm = deform_conv2d_backward(grad_output, input, offset, weight, mask, *ctx.params)
+    gb = None
+    if ctx.has_bias:
+        gb = grad_output.sum((0, 2, 3), dtype=torch.promote_types(grad_output.dtype, torch.float32))
+        gb = gb.to(grad_output.dtype)
+    return (gi, go, gw, None if mask is None else gm, gb) + (None,) * len(ctx.params)
+
+
+deform_conv2d.register_autograd(
+    _deform_conv2d_autograd, setup_context=_deform_conv2d_setup_context
+)
+
+
+# ----------------------------------------------------------------------------------------
+# Multi-scale deformable attention
+
+
+@torch.library.custom_op("deformops::multi_scale_deformable_attention", mutates_args=())
+def multi_scale_deformable_attention(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """Multi-scale deformable attention on validated arguments.
+
+    See :func:`deformops.multi_scale_deformable_attention`.
+    """
+    args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    if _use_native("multi_scale_deformable_attention", value.device.type):
+        return _native().msda_forward(*args)
+    return reference.multi_scale_deformable_attention(*args)
+
+
+@multi_scale_deformable_attention.register_fake
+def _msda_fake(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    n, _, m, d = value.shape
+    return value.new_empty((n, sampling_locations.shape[1], m * d))
+
+
+@torch.library.custom_op("deformops::multi_scale_deformable_attention_backward", mutates_args=())
+def multi_scale_deformable_attention_backward(
+    grad_output: Tensor,
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients ``(value, sampling_locations, attention_weights)`` of the attention."""
+    args = (grad_output, value, spatial_shapes, level_start_index, sampling_locations)
+    if _use_native("multi_scale_deformable_attention", value.device.type):
+        return tuple(_native().msda_backward(*args, attention_weights))
+    return reference.multi_scale_deformable_attention_backward(*args, attention_weights)
+
+
+@multi_scale_deformable_attention_backward.register_fake
+def _msda_backward_fake(grad_output, value, spatial_shapes, level_start_index, loc, attn):
+    return torch.empty_like(value), torch.empty_like(loc), torch.empty_like(attn)
+
+
+def _msda_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _msda_autograd(ctx, grad_output):
+    value, spatial_shapes, level_start_index, loc, attn = ctx.saved_tensors
+    gv, gl, ga = multi_scale_deformable_attention_backward(
+        grad_output, value, spatial_shapes, level_start_index, loc, attn
+    )
+    return gv, None, None, gl, ga
+
+
+multi_scale_deformable_attention.register_autograd(
+    _msda_autograd, setup_context=_msda_setup_context
+)
+
+
+# ----------------------------------------------------------------------------------------
+# The backward operators have no derivative of their own.
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "deformops: double backward is not supported (a gradient was computed with "
+        "create_graph=True and then differentiated again); the first derivatives are exact"
+    )
+
+
+def _no_context(ctx, inputs, output):
+    return None
+
+
+for _backward_op in (deform_conv2d_backward, multi_scale_deformable_attention_backward):
+    _backward_op.register_autograd(_no_double_backward, setup_context=_no_context)

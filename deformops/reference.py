@@ -1,0 +1,372 @@
+"""Pure-PyTorch implementation of both operators: the numerical specification.
+
+Every function here runs on any device and in any floating dtype, is differentiable by
+autograd, and follows the contracts of DESIGN.md exactly. Half-precision inputs are
+computed in float32 and the results cast back, so that reductions accumulate in float32.
+
+The sampling is written with vectorised gathers of the four bilinear corners (no Python
+loop over pixels, kernel points or sampling points). Work is split into chunks (over the
+batch for the convolution, over queries for the attention) so that at most one buffer of
+the size (output pixels x kernel points x channels) of one chunk is alive at a time, and a
+chunk holds at most :data:`CHUNK_ELEMENTS` such elements.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "CHUNK_ELEMENTS",
+    "deform_conv2d",
+    "deform_conv2d_backward",
+    "memory_format_of",
+    "multi_scale_deformable_attention",
+    "multi_scale_deformable_attention_backward",
+]
+
+#: Largest number of sampled elements (pixels x points x channels) gathered in one chunk.
+CHUNK_ELEMENTS = 1 << 24
+
+
+def memory_format_of(input: Tensor) -> torch.memory_format:
+    """``torch.channels_last`` for a channels-last 4-d tensor (that is not also plain
+    contiguous), else ``torch.contiguous_format``: the layout an output should follow."""
+    if input.is_contiguous() or not input.is_contiguous(memory_format=torch.channels_last):
+        return torch.contiguous_format
+    return torch.channels_last
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half types, the dtype itself otherwise."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _bilinear_corners(y: Tensor, x: Tensor, height: Tensor, width: Tensor):
+    """Yield ``(flat_index, weight)`` for the four bilinear corners of ``(y, x)``.
+
+    ``flat_index`` is ``y_corner * width + x_corner`` (0 where the corner is outside the
+    map) and ``weight`` the interpolation weight, zero outside the map, so corners outside
+    contribute nothing (zero padding). ``height`` and ``width`` broadcast against ``y``.
+    """
+    y0 = torch.floor(y)
+    x0 = torch.floor(x)
+    ly = y - y0
+    lx = x - x0
+    for dy, wy in ((0, 1 - ly), (1, ly)):
+        yc = y0 + dy
+        inside_y = (yc >= 0) & (yc <= height - 1)
+        for dx, wx in ((0, 1 - lx), (1, lx)):
+            xc = x0 + dx
+            inside = inside_y & (xc >= 0) & (xc <= width - 1)
+            index = torch.where(inside, yc * width + xc, torch.zeros_like(yc))
+            yield index.long(), wy * wx * inside
+
+
+@contextlib.contextmanager
+def _recording_autograd():
+    """Record autograd even where the dispatcher has turned it off.
+
+    The backward functions differentiate the forward by recomputation. Called from a
+    ``torch.library`` operator, they run below the autograd dispatch key, where
+    ``torch.enable_grad`` alone records nothing; this re-includes the autograd keys for
+    the duration.
+    """
+    exclude = torch._C._dispatch_tls_local_exclude_set().remove(torch._C.DispatchKey.AutogradCPU)
+    with (
+        torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude),
+        torch.enable_grad(),
+    ):
+        yield
+
+
+def _chunks(total: int, per_item: int) -> list[slice]:
+    """Slices of ``range(total)`` holding at most ``CHUNK_ELEMENTS // per_item`` items each."""
+    step = max(1, CHUNK_ELEMENTS // max(1, per_item))
+    return [slice(start, min(start + step, total)) for start in range(0, total, step)]
+
+
+def _conv_columns(
+    input: Tensor,
+    offset: Tensor,
+    mask: Tensor | None,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+) -> Tensor:
+    """Bilinearly sampled, modulated columns ``[N, C_in, kh*kw, H_out*W_out]``."""
+    n, c_in, height, width = input.shape
+    kh, kw = kernel
+    k = kh * kw
+    h_out, w_out = offset.shape[-2:]
+    groups = offset.shape[1] // (2 * k)
+    dev, dt = input.device, input.dtype
+    base_y = (torch.arange(h_out, device=dev, dtype=dt) * stride[0] - padding[0]).view(1, h_out, 1)
+    base_x = (torch.arange(w_out, device=dev, dtype=dt) * stride[1] - padding[1]).view(1, 1, w_out)
+    ky = (torch.arange(kh, device=dev, dtype=dt) * dilation[0]).repeat_interleave(kw)
+    kx = (torch.arange(kw, device=dev, dtype=dt) * dilation[1]).repeat(kh)
+    off = offset.view(n, groups, k, 2, h_out, w_out)
+    y = ky.view(k, 1, 1) + base_y + off[:, :, :, 0]
+    x = kx.view(k, 1, 1) + base_x + off[:, :, :, 1]
+    points = k * h_out * w_out
+    values = input.reshape(n, groups, c_in // groups, height * width)
+    columns = input.new_zeros(n, groups, c_in // groups, points)
+    for index, weight in _bilinear_corners(y, x, float(height), float(width)):
+        if mask is not None:
+            weight = weight * mask.view(n, groups, k, h_out, w_out)
+        gathered = torch.gather(
+            values,
+            3,
+            index.view(n, groups, 1, points).expand(n, groups, c_in // groups, points),
+        )
+        columns = columns + gathered * weight.view(n, groups, 1, points)
+    return columns.view(n, c_in, k, h_out * w_out)
+
+
+def _deform_conv2d_chunk(
+    input: Tensor,
+    offset: Tensor,
+    weight: Tensor,
+    mask: Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+) -> Tensor:
+    """Deformable convolution of one batch chunk, without bias: ``[n, C_out, H_out, W_out]``."""
+    c_out, c_per_group, kh, kw = weight.shape
+    groups = input.shape[1] // c_per_group
+    h_out, w_out = offset.shape[-2:]
+    columns = _conv_columns(input, offset, mask, (kh, kw), stride, padding, dilation)
+    columns = columns.view(input.shape[0], groups, c_per_group * kh * kw, h_out * w_out)
+    out = torch.matmul(weight.view(groups, c_out // groups, c_per_group * kh * kw), columns)
+    return out.view(input.shape[0], c_out, h_out, w_out)
+
+
+def deform_conv2d(
+    input: Tensor,
+    offset: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    mask: Tensor | None,
+) -> Tensor:
+    """Deformable convolution (DCN v1, or v2 with ``mask``), in pure PyTorch.
+
+    Arguments are already validated (see :func:`deformops.deform_conv2d` for the contract);
+    ``stride``, ``padding`` and ``dilation`` are pairs.
+
+    Parameters
+    ----------
+    input : Tensor
+        ``[N, C_in, H, W]``.
+    offset : Tensor
+        ``[N, 2*G*kh*kw, H_out, W_out]``, (dy, dx) pairs per kernel point.
+    weight : Tensor
+        ``[C_out, C_in/groups, kh, kw]``.
+    bias : Tensor or None
+        ``[C_out]``.
+    stride, padding, dilation : tuple of int
+        ``(h, w)`` pairs.
+    mask : Tensor or None
+        ``[N, G*kh*kw, H_out, W_out]`` modulation.
+
+    Returns
+    -------
+    Tensor
+        ``[N, C_out, H_out, W_out]`` in the dtype and memory format of ``input``.
+    """
+    cdt = _compute_dtype(input.dtype)
+    n = input.shape[0]
+    c_in = input.shape[1]
+    kh, kw = weight.shape[-2:]
+    h_out, w_out = offset.shape[-2:]
+    w = weight.to(cdt)
+    outs = [
+        _deform_conv2d_chunk(
+            input[part].to(cdt),
+            offset[part].to(cdt),
+            w,
+            None if mask is None else mask[part].to(cdt),
+            stride,
+            padding,
+            dilation,
+        )
+        for part in _chunks(n, c_in * kh * kw * h_out * w_out)
+    ]
+    out = torch.cat(outs) if outs else input.new_zeros(0, weight.shape[0], h_out, w_out, dtype=cdt)
+    if bias is not None:
+        out = out + bias.to(cdt).view(1, -1, 1, 1)
+    return out.to(input.dtype).contiguous(memory_format=memory_format_of(input))
+
+
+def deform_conv2d_backward(
+    grad_output: Tensor,
+    input: Tensor,
+    offset: Tensor,
+    weight: Tensor,
+    mask: Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Gradients of :func:`deform_conv2d` (without bias) by recomputation, chunk by chunk.
+
+    Returns
+    -------
+    tuple
+        ``(grad_input, grad_offset, grad_weight, grad_mask)``, each in its input's dtype;
+        ``grad_mask`` is None when ``mask`` is None.
+    """
+    cdt = _compute_dtype(input.dtype)
+    kh, kw = weight.shape[-2:]
+    h_out, w_out = offset.shape[-2:]
+    grad_input = torch.zeros_like(input, dtype=cdt)
+    grad_offset = torch.zeros_like(offset, dtype=cdt)
+    grad_mask = None if mask is None else torch.zeros_like(mask, dtype=cdt)
+    grad_weight = torch.zeros_like(weight, dtype=cdt)
+    w = weight.to(cdt)
+    for part in _chunks(input.shape[0], input.shape[1] * kh * kw * h_out * w_out):
+        with _recording_autograd():
+            leaves = [
+                t[part].detach().to(cdt).requires_grad_()
+                for t in ((input, offset) if mask is None else (input, offset, mask))
+            ]
+            wl = w.detach().requires_grad_()
+            out = _deform_conv2d_chunk(
+                leaves[0],
+                leaves[1],
+                wl,
+                leaves[2] if mask is not None else None,
+                stride,
+                padding,
+                dilation,
+            )
+            grads = torch.autograd.grad(out, [*leaves, wl], grad_output[part].to(cdt))
+        grad_input[part] = grads[0]
+        grad_offset[part] = grads[1]
+        if grad_mask is not None:
+            grad_mask[part] = grads[2]
+        grad_weight += grads[-1]
+    return (
+        grad_input.to(input.dtype),
+        grad_offset.to(offset.dtype),
+        grad_weight.to(weight.dtype),
+        None if grad_mask is None else grad_mask.to(mask.dtype),
+    )
+
+
+def _msda_chunk(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """Multi-scale deformable attention of one query chunk, ``[N, Q, M*D]``, compute dtype."""
+    n, s, m, d = value.shape
+    _, q, _, levels, points, _ = sampling_locations.shape
+    cdt = value.dtype
+    shapes = spatial_shapes.to(device=value.device, dtype=cdt)
+    height = shapes[:, 0].view(1, 1, 1, levels, 1)
+    width = shapes[:, 1].view(1, 1, 1, levels, 1)
+    start = level_start_index.to(device=value.device).view(1, 1, 1, levels, 1)
+    x = sampling_locations[..., 0].to(cdt) * width - 0.5
+    y = sampling_locations[..., 1].to(cdt) * height - 0.5
+    attn = attention_weights.to(cdt)
+    per_head = value.permute(0, 2, 1, 3)  # [N, M, S, D]
+    samples = q * levels * points
+    out = value.new_zeros(n * m * q, 1, d)
+    for index, weight in _bilinear_corners(y, x, height, width):
+        flat = index + start
+        inside = (flat >= 0) & (flat < s)
+        flat = torch.where(inside, flat, torch.zeros_like(flat))
+        flat = flat.permute(0, 2, 1, 3, 4).reshape(n, m, samples, 1).expand(n, m, samples, d)
+        gathered = torch.gather(per_head, 2, flat)  # [N, M, Q*L*P, D]
+        coeff = (weight * attn * inside).permute(0, 2, 1, 3, 4).reshape(n * m * q, 1, levels * points)
+        out = out + torch.bmm(coeff, gathered.reshape(n * m * q, levels * points, d))
+    return out.view(n, m, q, d).permute(0, 2, 1, 3).reshape(n, q, m * d)
+
+
+def multi_scale_deformable_attention(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """Multi-scale deformable attention (Deformable DETR), in pure PyTorch.
+
+    Arguments are already validated (see :func:`deformops.multi_scale_deformable_attention`).
+
+    Parameters
+    ----------
+    value : Tensor
+        ``[N, S, M, D]``.
+    spatial_shapes : Tensor
+        ``[L, 2]`` int64, ``(H_l, W_l)``.
+    level_start_index : Tensor
+        ``[L]`` int64.
+    sampling_locations : Tensor
+        ``[N, Q, M, L, P, 2]`` normalised ``(x, y)``.
+    attention_weights : Tensor
+        ``[N, Q, M, L, P]``.
+
+    Returns
+    -------
+    Tensor
+        ``[N, Q, M*D]`` in the dtype of ``value``.
+    """
+    n, _, m, d = value.shape
+    q, levels, points = sampling_locations.shape[1], sampling_locations.shape[3], sampling_locations.shape[4]
+    cdt = _compute_dtype(value.dtype)
+    v = value.to(cdt)
+    outs = [
+        _msda_chunk(v, spatial_shapes, level_start_index, sampling_locations[:, part], attention_weights[:, part])
+        for part in _chunks(q, n * m * levels * points * d)
+    ]
+    out = torch.cat(outs, dim=1) if outs else v.new_zeros(n, 0, m * d)
+    return out.to(value.dtype)
+
+
+def multi_scale_deformable_attention_backward(
+    grad_output: Tensor,
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of :func:`multi_scale_deformable_attention` by recomputation, chunk by chunk.
+
+    Returns
+    -------
+    tuple
+        ``(grad_value, grad_sampling_locations, grad_attention_weights)`` in their inputs' dtypes.
+    """
+    n, _, m, d = value.shape
+    q, levels, points = sampling_locations.shape[1], sampling_locations.shape[3], sampling_locations.shape[4]
+    cdt = _compute_dtype(value.dtype)
+    grad_value = torch.zeros_like(value, dtype=cdt)
+    grad_loc = torch.zeros_like(sampling_locations, dtype=_compute_dtype(sampling_locations.dtype))
+    grad_attn = torch.zeros_like(attention_weights, dtype=_compute_dtype(attention_weights.dtype))
+    v = value.detach().to(cdt)
+    for part in _chunks(q, n * m * levels * points * d):
+        with _recording_autograd():
+            vl = v.requires_grad_()
+            loc = sampling_locations[:, part].detach().to(grad_loc.dtype).requires_grad_()
+            attn = attention_weights[:, part].detach().to(grad_attn.dtype).requires_grad_()
+            out = _msda_chunk(vl, spatial_shapes, level_start_index, loc, attn)
+            gv, gl, ga = torch.autograd.grad(out, [vl, loc, attn], grad_output[:, part].to(cdt))
+        grad_value += gv
+        grad_loc[:, part] = gl
+        grad_attn[:, part] = ga
+    return (
+        grad_value.to(value.dtype),
+        grad_loc.to(sampling_locations.dtype),
+        grad_attn.to(attention_weights.dtype),
+    )
