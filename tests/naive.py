@@ -196,7 +196,11 @@ def multi_scale_deformable_attention(
         value=value, sampling_locations=sampling_locations, attention_weights=attention_weights
     )
     n, _, m, d = value.shape
-    q, levels, p = sampling_locations.shape[1], sampling_locations.shape[3], sampling_locations.shape[4]
+    q, levels, p = (
+        sampling_locations.shape[1],
+        sampling_locations.shape[3],
+        sampling_locations.shape[4],
+    )
     out = torch.zeros(n * m, d, q, p, dtype=torch.float64, device=value.device)
     for level in range(levels):
         h, w = (int(v) for v in spatial_shapes[level])
@@ -263,7 +267,10 @@ def deform_attn2d(
     weights = torch.softmax(logits, -1).reshape(n, q, m, lv, pt)
     if reference_points.shape[-1] == 2:
         normalizer = torch.stack([spatial_shapes[:, 1], spatial_shapes[:, 0]], -1).to(torch.float64)
-        locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        locations = (
+            reference_points[:, :, None, :, None, :]
+            + offsets / normalizer[None, None, None, :, None, :]
+        )
     else:
         locations = (
             reference_points[:, :, None, :, None, :2]

@@ -81,6 +81,27 @@ DEFORMOPS_UNROLL
   return c;
 }
 
+// Moves the corners of a sample taken on a map whose spatial index 0 lies at
+// flat spatial index `base` of a buffer holding `size` (> 0) spatial indices:
+// offsets become flat indices into the buffer, and a corner whose flat index
+// falls outside [0, size) is dropped (offset 0, zero weight and derivatives),
+// so that loads stay in bounds even when a map's shape or start disagrees with
+// the buffer (MSDA's spatial_shapes and level_start_index).
+template <typename T>
+DEFORMOPS_HD void rebase_corners(Corners<T>& c, int64_t base, int64_t size) {
+DEFORMOPS_UNROLL
+  for (int i = 0; i < 4; ++i) {
+    const int64_t flat = base + c.offset[i];
+    const bool inside = flat >= 0 && flat < size;
+    c.offset[i] = inside ? flat : 0;
+    if (!inside) {
+      c.weight[i] = T(0);
+      c.dweight_dy[i] = T(0);
+      c.dweight_dx[i] = T(0);
+    }
+  }
+}
+
 // Loads element `i` of `data` (any storage type convertible to T: float, double,
 // half and bfloat16 of either CUDA or ATen) as the accumulation type T.
 template <typename T, typename V>
