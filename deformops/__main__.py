@@ -39,7 +39,9 @@ def info() -> int:
             props = torch.cuda.get_device_properties(device)
             name = f"{props.name}, sm_{props.major}{props.minor}, {props.total_memory >> 20} MiB"
         print(f"device    {device}: {name}")
-    print(f"backend   DEFORMOPS_BACKEND={os.environ.get('DEFORMOPS_BACKEND', '') or '(unset: auto)'}")
+    print(
+        f"backend   DEFORMOPS_BACKEND={os.environ.get('DEFORMOPS_BACKEND', '') or '(unset: auto)'}"
+    )
     state = _build.cache_info()
     print(f"cache     {state['cache_dir']}")
     for entry in state["entries"]:
@@ -95,7 +97,8 @@ def _run(layer, call, inputs) -> tuple[list[torch.Tensor], float]:
 
 def _relative_error(results: Sequence[torch.Tensor], expected: Sequence[torch.Tensor]) -> float:
     return max(
-        ((r - e).norm() / e.norm().clamp_min(1e-30)).item() for r, e in zip(results, expected)
+        ((r - e).norm() / e.norm().clamp_min(1e-30)).item()
+        for r, e in zip(results, expected, strict=True)
     )
 
 
@@ -123,14 +126,23 @@ def check() -> int:
                 ok = error <= CHECK_TOLERANCE
                 failed |= not ok
                 rows.append(
-                    (name, device, backend, f"{error:.2e}", f"{seconds * 1e3:.1f}", "ok" if ok else "MISMATCH")
+                    (
+                        name,
+                        device,
+                        backend,
+                        f"{error:.2e}",
+                        f"{seconds * 1e3:.1f}",
+                        "ok" if ok else "MISMATCH",
+                    )
                 )
     ops.set_backend(None)
     header = ("module", "device", "backend", "rel. error", "ms (fwd+bwd)", "status")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
-    print(f"float32 vs float64 reference, tolerance {CHECK_TOLERANCE:g}: {'FAILED' if failed else 'all ok'}")
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
+    print(
+        f"float32 vs float64 reference, tolerance {CHECK_TOLERANCE:g}: {'FAILED' if failed else 'all ok'}"
+    )
     return 1 if failed else 0
 
 
@@ -143,7 +155,9 @@ def build(device: str, arch: list[str] | None) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m deformops`` and of the ``deformops`` command."""
-    parser = argparse.ArgumentParser(prog="python -m deformops", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m deformops", description=__doc__.splitlines()[0]
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions, devices, backend and native library cache state")
     commands.add_parser("check", help="compare every device and backend with the reference")

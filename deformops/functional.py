@@ -43,7 +43,9 @@ def _check_shape(name: str, t: Tensor, expected: tuple[int, ...], description: s
 def _check_same(name: str, t: Tensor, like: Tensor, like_name: str, dtypes: tuple) -> None:
     """Check that ``t`` is on ``like``'s device and has one of ``dtypes``."""
     if t.device != like.device:
-        raise ValueError(f"{name}: expected a tensor on {like_name}'s device {like.device}, got {t.device}")
+        raise ValueError(
+            f"{name}: expected a tensor on {like_name}'s device {like.device}, got {t.device}"
+        )
     if t.dtype not in dtypes:
         allowed = " or ".join(str(d) for d in dtypes)
         raise TypeError(f"{name}: expected dtype {allowed} (as {like_name}), got {t.dtype}")
@@ -148,7 +150,9 @@ def deform_conv2d(
     if mask is not None:
         _check_floating("mask", mask, 4, "[N, G*kh*kw, H_out, W_out]")
         _check_same("mask", mask, input, "input", floating)
-        _check_shape("mask", mask, (n, offset_groups * k, h_out, w_out), "[N, G*kh*kw, H_out, W_out]")
+        _check_shape(
+            "mask", mask, (n, offset_groups * k, h_out, w_out), "[N, G*kh*kw, H_out, W_out]"
+        )
     if bias is not None:
         _check_floating("bias", bias, 1, "[C_out]")
         _check_same("bias", bias, input, "input", floating)
@@ -163,7 +167,9 @@ def _check_index(name: str, t: object, ndim: int, expected: str) -> Tensor:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name}: expected an int64 tensor {expected}, got {type(t).__name__}")
     if t.dtype not in _INTEGER:
-        raise TypeError(f"{name}: expected an integer (int64) tensor {expected}, got dtype {t.dtype}")
+        raise TypeError(
+            f"{name}: expected an integer (int64) tensor {expected}, got dtype {t.dtype}"
+        )
     if t.dim() != ndim:
         raise ValueError(f"{name}: expected a {ndim}-d tensor {expected}, got shape {_shape(t)}")
     return t
@@ -210,7 +216,9 @@ def _skip_value_checks(t: Tensor) -> bool:
 
 def _check_levels(spatial_shapes: Tensor, level_start_index: Tensor, s: int) -> None:
     """Check level sizes against ``S`` and the start indices against the sizes."""
-    if _skip_value_checks(spatial_shapes) or _level_cache.seen(spatial_shapes, level_start_index, s):
+    if _skip_value_checks(spatial_shapes) or _level_cache.seen(
+        spatial_shapes, level_start_index, s
+    ):
         return
     both = torch.cat([spatial_shapes.reshape(-1), level_start_index.reshape(-1)]).tolist()
     levels = spatial_shapes.shape[0]
@@ -281,18 +289,31 @@ def multi_scale_deformable_attention(
     _check_index("level_start_index", level_start_index, 1, "[L]")
     _check_floating("sampling_locations", sampling_locations, 6, "[N, Q, M, L, P, 2]")
     _check_floating("attention_weights", attention_weights, 5, "[N, Q, M, L, P]")
-    dtypes = (value.dtype,) if value.dtype in (torch.float32, torch.float64) else (value.dtype, torch.float32)
+    dtypes = (
+        (value.dtype,)
+        if value.dtype in (torch.float32, torch.float64)
+        else (value.dtype, torch.float32)
+    )
     _check_same("sampling_locations", sampling_locations, value, "value", dtypes)
     _check_same("attention_weights", attention_weights, value, "value", dtypes)
     for name, t in (("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index)):
         if t.device != value.device:
-            raise ValueError(f"{name}: expected a tensor on value's device {value.device}, got {t.device}")
+            raise ValueError(
+                f"{name}: expected a tensor on value's device {value.device}, got {t.device}"
+            )
 
-    n, s, m, d = value.shape
+    n, s, m, _d = value.shape
     levels = spatial_shapes.shape[0]
     if spatial_shapes.shape[1] != 2:
-        raise ValueError(f"spatial_shapes: expected shape [L, 2] (H_l, W_l), got {_shape(spatial_shapes)}")
-    _check_shape("level_start_index", level_start_index, (levels,), f"[L] with L={levels} from spatial_shapes")
+        raise ValueError(
+            f"spatial_shapes: expected shape [L, 2] (H_l, W_l), got {_shape(spatial_shapes)}"
+        )
+    _check_shape(
+        "level_start_index",
+        level_start_index,
+        (levels,),
+        f"[L] with L={levels} from spatial_shapes",
+    )
     q, points = sampling_locations.shape[1], sampling_locations.shape[4]
     _check_shape(
         "sampling_locations",
@@ -308,5 +329,9 @@ def multi_scale_deformable_attention(
     )
     _check_levels(spatial_shapes, level_start_index, s)
     return ops.multi_scale_deformable_attention(
-        value, spatial_shapes.long(), level_start_index.long(), sampling_locations, attention_weights
+        value,
+        spatial_shapes.long(),
+        level_start_index.long(),
+        sampling_locations,
+        attention_weights,
     )

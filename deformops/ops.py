@@ -164,7 +164,17 @@ def deform_conv2d(
     """Deformable convolution on validated arguments (see :func:`deformops.deform_conv2d`)."""
     if _use_native("deform_conv2d", input.device.type):
         return _native().deform_conv2d_forward(
-            input, offset, weight, mask, bias, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w
+            input,
+            offset,
+            weight,
+            mask,
+            bias,
+            stride_h,
+            stride_w,
+            pad_h,
+            pad_w,
+            dilation_h,
+            dilation_w,
         )
     return reference.deform_conv2d(
         input,
@@ -236,9 +246,7 @@ def _deform_conv2d_autograd(ctx, grad_output):
     return (gi, go, gw, None if mask is None else gm, gb) + (None,) * len(ctx.params)
 
 
-deform_conv2d.register_autograd(
-    _deform_conv2d_autograd, setup_context=_deform_conv2d_setup_context
-)
+deform_conv2d.register_autograd(_deform_conv2d_autograd, setup_context=_deform_conv2d_setup_context)
 
 
 # ----------------------------------------------------------------------------------------

@@ -287,7 +287,9 @@ def _msda_chunk(
         flat = torch.where(inside, flat, torch.zeros_like(flat))
         flat = flat.permute(0, 2, 1, 3, 4).reshape(n, m, samples, 1).expand(n, m, samples, d)
         gathered = torch.gather(per_head, 2, flat)  # [N, M, Q*L*P, D]
-        coeff = (weight * attn * inside).permute(0, 2, 1, 3, 4).reshape(n * m * q, 1, levels * points)
+        coeff = (
+            (weight * attn * inside).permute(0, 2, 1, 3, 4).reshape(n * m * q, 1, levels * points)
+        )
         out = out + torch.bmm(coeff, gathered.reshape(n * m * q, levels * points, d))
     return out.view(n, m, q, d).permute(0, 2, 1, 3).reshape(n, q, m * d)
 
@@ -322,11 +324,21 @@ def multi_scale_deformable_attention(
         ``[N, Q, M*D]`` in the dtype of ``value``.
     """
     n, _, m, d = value.shape
-    q, levels, points = sampling_locations.shape[1], sampling_locations.shape[3], sampling_locations.shape[4]
+    q, levels, points = (
+        sampling_locations.shape[1],
+        sampling_locations.shape[3],
+        sampling_locations.shape[4],
+    )
     cdt = _compute_dtype(value.dtype)
     v = value.to(cdt)
     outs = [
-        _msda_chunk(v, spatial_shapes, level_start_index, sampling_locations[:, part], attention_weights[:, part])
+        _msda_chunk(
+            v,
+            spatial_shapes,
+            level_start_index,
+            sampling_locations[:, part],
+            attention_weights[:, part],
+        )
         for part in _chunks(q, n * m * levels * points * d)
     ]
     out = torch.cat(outs, dim=1) if outs else v.new_zeros(n, 0, m * d)
@@ -349,7 +361,11 @@ def multi_scale_deformable_attention_backward(
         ``(grad_value, grad_sampling_locations, grad_attention_weights)`` in their inputs' dtypes.
     """
     n, _, m, d = value.shape
-    q, levels, points = sampling_locations.shape[1], sampling_locations.shape[3], sampling_locations.shape[4]
+    q, levels, points = (
+        sampling_locations.shape[1],
+        sampling_locations.shape[3],
+        sampling_locations.shape[4],
+    )
     cdt = _compute_dtype(value.dtype)
     grad_value = torch.zeros_like(value, dtype=cdt)
     grad_loc = torch.zeros_like(sampling_locations, dtype=_compute_dtype(sampling_locations.dtype))

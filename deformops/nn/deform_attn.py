@@ -73,7 +73,9 @@ class DeformAttn2d(nn.Module):
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
         if embed_dim % num_heads:
-            raise ValueError(f"embed_dim: expected a multiple of num_heads={num_heads}, got {embed_dim}")
+            raise ValueError(
+                f"embed_dim: expected a multiple of num_heads={num_heads}, got {embed_dim}"
+            )
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.num_levels = num_levels
@@ -93,7 +95,9 @@ class DeformAttn2d(nn.Module):
         ``i``; attention weights start uniform; projections are Xavier-uniform.
         """
         nn.init.zeros_(self.sampling_offsets.weight)
-        angles = torch.arange(self.num_heads, dtype=torch.float32) * (2.0 * math.pi / self.num_heads)
+        angles = torch.arange(self.num_heads, dtype=torch.float32) * (
+            2.0 * math.pi / self.num_heads
+        )
         grid = torch.stack([angles.cos(), angles.sin()], -1)
         grid = grid / grid.abs().max(-1, keepdim=True)[0]
         grid = grid.view(self.num_heads, 1, 1, 2).repeat(1, self.num_levels, self.num_points, 1)
@@ -146,7 +150,9 @@ class DeformAttn2d(nn.Module):
             raise ValueError(f"query: expected shape [N, Q, {c}], got {got}")
         if isinstance(value, Tensor):
             if spatial_shapes is None:
-                raise ValueError("spatial_shapes: required when value is a flattened [N, S, C] tensor")
+                raise ValueError(
+                    "spatial_shapes: required when value is a flattened [N, S, C] tensor"
+                )
             if value.dim() != 3 or value.shape[2] != c:
                 raise ValueError(f"value: expected shape [N, S, {c}], got {tuple(value.shape)}")
         else:
@@ -165,8 +171,10 @@ class DeformAttn2d(nn.Module):
         if level_start_index is None:
             level_start_index = level_start_index_of(spatial_shapes)
         n, q, _ = query.shape
-        if reference_points.dim() != 4 or tuple(reference_points.shape[:3]) != (n, q, self.num_levels) or (
-            reference_points.shape[3] not in (2, 4)
+        if (
+            reference_points.dim() != 4
+            or tuple(reference_points.shape[:3]) != (n, q, self.num_levels)
+            or (reference_points.shape[3] not in (2, 4))
         ):
             raise ValueError(
                 f"reference_points: expected shape [{n}, {q}, {self.num_levels}, 2 or 4], "

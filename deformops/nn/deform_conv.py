@@ -89,7 +89,9 @@ class DeformConv2d(nn.Module):
         self.stride = _pair(stride)
         self.dilation = _pair(dilation)
         if padding is None:
-            padding = tuple(d * (k - 1) // 2 for d, k in zip(self.dilation, self.kernel_size))
+            padding = tuple(
+                d * (k - 1) // 2 for d, k in zip(self.dilation, self.kernel_size, strict=True)
+            )
         self.padding = _pair(padding)
         self.groups = groups
         self.offset_groups = offset_groups
@@ -118,7 +120,9 @@ class DeformConv2d(nn.Module):
         nn.init.zeros_(self.conv_offset.weight)
         nn.init.zeros_(self.conv_offset.bias)
 
-    def forward(self, input: Tensor, offset: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self, input: Tensor, offset: Tensor | None = None, mask: Tensor | None = None
+    ) -> Tensor:
         """Apply the layer.
 
         Parameters

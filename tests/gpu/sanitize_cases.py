@@ -1,0 +1,33 @@
+"""Runs every GPU test case once, forward and backward, for compute-sanitizer
+(``compute-sanitizer --tool memcheck python tests/gpu/sanitize_cases.py``)."""
+
+from __future__ import annotations
+
+import torch
+from cases import CONV_CASES, MSDA_CASES, conv_inputs, msda_inputs
+
+import deformops
+
+
+def main() -> None:
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for case in MSDA_CASES:
+            value, shapes, starts, loc, weights = msda_inputs(case, "cuda", dtype)
+            tensors = [t.requires_grad_() for t in (value, loc, weights)]
+            out = deformops.multi_scale_deformable_attention(
+                tensors[0], shapes, starts, *tensors[1:]
+            )
+            out.backward(torch.randn_like(out))
+        for case in CONV_CASES:
+            kwargs = conv_inputs(case, "cuda", dtype)
+            for key in ("input", "offset", "weight", "mask", "bias"):
+                if kwargs[key] is not None:
+                    kwargs[key].requires_grad_()
+            out = deformops.deform_conv2d(**kwargs)
+            out.backward(torch.randn_like(out))
+    torch.cuda.synchronize()
+    print("sanitize cases: done")
+
+
+if __name__ == "__main__":
+    main()

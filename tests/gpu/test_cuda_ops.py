@@ -1,0 +1,155 @@
+"""Both operators on CUDA against the float64 reference, CUDA graphs, compile, streams and
+64-bit indexing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from cases import CONV_CASES, MSDA_CASES, conv_inputs, msda_inputs
+
+import deformops
+from deformops import reference
+
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
+DTYPES = list(TOLERANCE)
+
+
+def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.double().cpu(), expected.double().cpu()
+    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def _forward_backward(fn, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The output and the gradient of every tensor, for a fixed random output gradient."""
+    leaves = [t.detach().requires_grad_() for t in tensors]
+    out = fn(*leaves)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
+    out.backward(grad)
+    return [out.detach(), *(leaf.grad for leaf in leaves)]
+
+
+@pytest.fixture(autouse=True)
+def _native_backend():
+    torch.manual_seed(0)
+    deformops.set_backend(None)
+    yield
+    deformops.set_backend(None)
+
+
+def test_msda_has_native_cuda_kernel():
+    assert deformops.backend("cuda", "multi_scale_deformable_attention") == "native"
+
+
+@pytest.mark.parametrize("case", MSDA_CASES, ids=lambda c: f"D{c[3]}-L{len(c[0])}-P{c[4]}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("float32_locations", [False, True], ids=["loc-same", "loc-fp32"])
+def test_msda_matches_float64(case, dtype, float32_locations):
+    if float32_locations and dtype in (torch.float32, torch.float64):
+        pytest.skip("float32 locations differ from the value's dtype only for half values")
+    value, shapes, starts, loc, weights = msda_inputs(
+        case, "cuda", dtype, torch.float32 if float32_locations else None
+    )
+
+    def op(v, lo, w):
+        return deformops.multi_scale_deformable_attention(v, shapes, starts, lo, w)
+
+    def op64(v, lo, w):
+        return reference.multi_scale_deformable_attention(v, shapes.cpu(), starts.cpu(), lo, w)
+
+    results = _forward_backward(op, [value, loc, weights])
+    expected = _forward_backward(op64, [t.double().cpu() for t in (value, loc, weights)])
+    for name, r, e in zip(
+        ("output", "value", "locations", "weights"), results, expected, strict=True
+    ):
+        assert r.dtype == (dtype if name in ("output", "value") else loc.dtype)
+        assert _relative_error(r, e) <= TOLERANCE[dtype], name
+
+
+@pytest.mark.parametrize(
+    "case", CONV_CASES, ids=lambda c: f"k{c[5][0]}x{c[5][1]}-g{c[9]}-og{c[10]}"
+)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_conv_matches_float64(case, dtype, channels_last):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    kwargs = conv_inputs(case, "cuda", dtype)
+    if channels_last:
+        kwargs["input"] = kwargs["input"].to(memory_format=torch.channels_last)
+    names = [k for k in ("input", "offset", "weight", "bias", "mask") if kwargs[k] is not None]
+    params = {k: v for k, v in kwargs.items() if k not in names}
+
+    def op(*tensors):
+        return deformops.deform_conv2d(**dict(zip(names, tensors, strict=True)), **params)
+
+    results = _forward_backward(op, [kwargs[k] for k in names])
+    assert results[0].is_contiguous(memory_format=torch.channels_last) == channels_last
+    expected = _forward_backward(op, [kwargs[k].double().cpu() for k in names])
+    for name, r, e in zip(["output", *names], results, expected, strict=True):
+        assert _relative_error(r, e) <= TOLERANCE[dtype], name
+
+
+def test_msda_in_cuda_graph_on_side_stream():
+    value, shapes, starts, loc, weights = msda_inputs(MSDA_CASES[2], "cuda", torch.float32)
+
+    def op():
+        return deformops.multi_scale_deformable_attention(value, shapes, starts, loc, weights)
+
+    eager = op()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        op()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = op()
+    value.copy_(torch.randn_like(value))
+    graph.replay()
+    torch.testing.assert_close(captured, op())
+    assert not torch.equal(captured, eager)
+
+
+def test_msda_compiled_fullgraph_matches_eager():
+    value, shapes, starts, loc, weights = msda_inputs(MSDA_CASES[2], "cuda", torch.float32)
+
+    def op(v, lo, w):
+        return deformops.multi_scale_deformable_attention(v, shapes, starts, lo, w).square().sum()
+
+    compiled = torch.compile(op, fullgraph=True)
+    eager = _forward_backward(op, [value, loc, weights])
+    traced = _forward_backward(compiled, [value, loc, weights])
+    for e, t in zip(eager, traced, strict=True):
+        torch.testing.assert_close(t, e, rtol=1e-5, atol=1e-5)
+
+
+def test_msda_follows_input_device_not_current_device():
+    value, shapes, starts, loc, weights = msda_inputs(MSDA_CASES[1], "cuda:0", torch.float32)
+    with torch.cuda.device(torch.cuda.device_count() - 1):
+        out = deformops.multi_scale_deformable_attention(value, shapes, starts, loc, weights)
+    assert out.device == value.device
+    expected = reference.multi_scale_deformable_attention(value, shapes, starts, loc, weights)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_msda_past_2_31_elements():
+    """A value of 2^31 + extra elements: samples at the end of the map are read correctly."""
+    h, w, d = 4096, 2056, 256  # 2.16e9 elements in float16
+    value = torch.randn(1, h * w, 1, d, device="cuda", dtype=torch.float16)
+    shapes = torch.tensor([[h, w]], device="cuda")
+    starts = torch.zeros(1, dtype=torch.long, device="cuda")
+    q = 64
+    loc = torch.rand(1, q, 1, 1, 2, 2, device="cuda", dtype=torch.float32)
+    loc[..., 1] = 0.999 + 0.001 * loc[..., 1]  # the last rows, past element 2^31
+    weights = torch.rand(1, q, 1, 1, 2, device="cuda", dtype=torch.float32)
+    out = deformops.multi_scale_deformable_attention(value, shapes, starts, loc, weights)
+    tail = 8 * w  # the last 8 rows hold every sample
+    sub_value = value[:, -tail:].float()
+    sub_loc = loc.clone()
+    sub_loc[..., 1] = (loc[..., 1] * h - (h - 8)) / 8  # same pixel rows within an 8-row map
+    sub_shapes = torch.tensor([[8, w]], device="cuda")
+    expected = reference.multi_scale_deformable_attention(
+        sub_value, sub_shapes, starts, sub_loc, weights
+    )
+    assert _relative_error(out, expected) <= 5e-3
+    assert out.abs().sum() > 0
