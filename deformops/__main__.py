@@ -1,4 +1,4 @@
-"""Command line: ``python -m deformops {info,check,build}``.
+"""Command line of deformops: python -m deformops {info,check,build,bench}.
 
 - ``info``: versions, devices, the requested backend and the native library's cache state.
 - ``check``: both modules forward and backward on every available device and backend,

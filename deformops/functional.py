@@ -89,8 +89,12 @@ def deform_conv2d(
         ``[C_out, C_in/groups, kh, kw]``; ``groups = C_in / weight.shape[1]``.
     bias : Tensor, optional
         ``[C_out]``.
-    stride, padding, dilation : int or (int, int)
-        As in :func:`torch.nn.functional.conv2d`.
+    stride : int or (int, int)
+        Step between output pixels, as in :func:`torch.nn.functional.conv2d`.
+    padding : int or (int, int)
+        Implicit zero padding on each side.
+    dilation : int or (int, int)
+        Spacing between kernel points.
     mask : Tensor, optional
         ``[N, G*kh*kw, H_out, W_out]`` modulation scalars (DCN v2).
 

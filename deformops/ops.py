@@ -53,8 +53,8 @@ def set_backend(name: BackendName | None) -> None:
 
     Parameters
     ----------
-    name : {"native", "reference"} or None
-        ``"native"`` requires the compiled library (an error is raised at the next call if
+    name : str or None
+        ``"native"`` or ``"reference"``. ``"native"`` requires the compiled library (an error is raised at the next call if
         it cannot be built); ``"reference"`` uses the pure-PyTorch implementation; None
         restores the default: ``DEFORMOPS_BACKEND`` if set, else native where it builds,
         else reference.

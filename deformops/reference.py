@@ -1,7 +1,7 @@
 """Pure-PyTorch implementation of both operators: the numerical specification.
 
 Every function here runs on any device and in any floating dtype, is differentiable by
-autograd, and follows the contracts of DESIGN.md exactly. Half-precision inputs are
+autograd, and follows the operator contracts exactly (see the operator pages). Half-precision inputs are
 computed in float32 and the results cast back, so that reductions accumulate in float32.
 
 The sampling is written with vectorised gathers of the four bilinear corners (no Python
@@ -27,8 +27,8 @@ __all__ = [
     "multi_scale_deformable_attention_backward",
 ]
 
-#: Largest number of sampled elements (pixels x points x channels) gathered in one chunk.
 CHUNK_ELEMENTS = 1 << 24
+"""Largest number of sampled elements (pixels x points x channels) gathered in one chunk."""
 
 
 def memory_format_of(input: Tensor) -> torch.memory_format:
@@ -170,8 +170,12 @@ def deform_conv2d(
         ``[C_out, C_in/groups, kh, kw]``.
     bias : Tensor or None
         ``[C_out]``.
-    stride, padding, dilation : tuple of int
-        ``(h, w)`` pairs.
+    stride : tuple of int
+        ``(h, w)`` step between output pixels.
+    padding : tuple of int
+        ``(h, w)`` implicit zero padding.
+    dilation : tuple of int
+        ``(h, w)`` spacing between kernel points.
     mask : Tensor or None
         ``[N, G*kh*kw, H_out, W_out]`` modulation.
 

@@ -30,7 +30,11 @@ class DeformConv2d(nn.Module):
         ``C_in``.
     out_channels : int, optional
         ``C_out``; defaults to ``in_channels``.
-    kernel_size, stride, dilation : int or (int, int)
+    kernel_size : int or (int, int)
+        ``(kh, kw)``.
+    stride : int or (int, int)
+        As in :class:`torch.nn.Conv2d`.
+    dilation : int or (int, int)
         As in :class:`torch.nn.Conv2d`.
     padding : int or (int, int), optional
         Defaults to ``dilation*(k-1)//2`` per side: "same" size for stride 1 and odd kernels.

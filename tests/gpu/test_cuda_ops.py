@@ -10,6 +10,11 @@ from cases import CONV_CASES, MSDA_CASES, conv_inputs, msda_inputs
 import deformops
 from deformops import reference
 
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="no CUDA device: GPU tests run on the GPU host (scripts/gpu_run.sh)",
+)
+
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
 DTYPES = list(TOLERANCE)
 
