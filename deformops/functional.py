@@ -53,12 +53,16 @@ def _check_same(name: str, t: Tensor, like: Tensor, like_name: str, dtypes: tupl
 
 def _pair(name: str, value: IntPair, minimum: int) -> tuple[int, int]:
     """An ``int`` or a pair of ``int`` as a pair, each at least ``minimum``."""
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+    pair = (value, value) if isinstance(value, int) else value
+    if (
+        not isinstance(pair, Sequence)
+        or len(pair) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair)
+    ):
         raise TypeError(f"{name}: expected an int or a pair of ints, got {value!r}")
     if min(pair) < minimum:
         raise ValueError(f"{name}: expected values >= {minimum}, got {value!r}")
-    return pair
+    return pair[0], pair[1]
 
 
 def deform_conv2d(

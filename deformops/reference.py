@@ -49,8 +49,11 @@ def _bilinear_corners(y: Tensor, x: Tensor, height: Tensor, width: Tensor):
 
     ``flat_index`` is ``y_corner * width + x_corner`` (0 where the corner is outside the
     map) and ``weight`` the interpolation weight, zero outside the map, so corners outside
-    contribute nothing (zero padding). ``height`` and ``width`` broadcast against ``y``.
+    contribute nothing (zero padding). A point at or beyond one pixel outside the map has
+    zero weights, hence zero gradient, as in the native kernels (``sampling.h``).
+    ``height`` and ``width`` broadcast against ``y``.
     """
+    on_map = (y > -1) & (y < height) & (x > -1) & (x < width)
     y0 = torch.floor(y)
     x0 = torch.floor(x)
     ly = y - y0
@@ -62,7 +65,7 @@ def _bilinear_corners(y: Tensor, x: Tensor, height: Tensor, width: Tensor):
             xc = x0 + dx
             inside = inside_y & (xc >= 0) & (xc <= width - 1)
             index = torch.where(inside, yc * width + xc, torch.zeros_like(yc))
-            yield index.long(), wy * wx * inside
+            yield index.long(), wy * wx * (inside & on_map)
 
 
 @contextlib.contextmanager
@@ -108,7 +111,7 @@ def _conv_columns(
     base_x = (torch.arange(w_out, device=dev, dtype=dt) * stride[1] - padding[1]).view(1, 1, w_out)
     ky = (torch.arange(kh, device=dev, dtype=dt) * dilation[0]).repeat_interleave(kw)
     kx = (torch.arange(kw, device=dev, dtype=dt) * dilation[1]).repeat(kh)
-    off = offset.view(n, groups, k, 2, h_out, w_out)
+    off = offset.reshape(n, groups, k, 2, h_out, w_out)
     y = ky.view(k, 1, 1) + base_y + off[:, :, :, 0]
     x = kx.view(k, 1, 1) + base_x + off[:, :, :, 1]
     points = k * h_out * w_out
@@ -116,13 +119,13 @@ def _conv_columns(
     columns = input.new_zeros(n, groups, c_in // groups, points)
     for index, weight in _bilinear_corners(y, x, float(height), float(width)):
         if mask is not None:
-            weight = weight * mask.view(n, groups, k, h_out, w_out)
+            weight = weight * mask.reshape(n, groups, k, h_out, w_out)
         gathered = torch.gather(
             values,
             3,
-            index.view(n, groups, 1, points).expand(n, groups, c_in // groups, points),
+            index.reshape(n, groups, 1, points).expand(n, groups, c_in // groups, points),
         )
-        columns = columns + gathered * weight.view(n, groups, 1, points)
+        columns = columns + gathered * weight.reshape(n, groups, 1, points)
     return columns.view(n, c_in, k, h_out * w_out)
 
 
@@ -141,7 +144,7 @@ def _deform_conv2d_chunk(
     h_out, w_out = offset.shape[-2:]
     columns = _conv_columns(input, offset, mask, (kh, kw), stride, padding, dilation)
     columns = columns.view(input.shape[0], groups, c_per_group * kh * kw, h_out * w_out)
-    out = torch.matmul(weight.view(groups, c_out // groups, c_per_group * kh * kw), columns)
+    out = torch.matmul(weight.reshape(groups, c_out // groups, c_per_group * kh * kw), columns)
     return out.view(input.shape[0], c_out, h_out, w_out)
 
 
@@ -278,7 +281,7 @@ def _msda_chunk(
     shapes = spatial_shapes.to(device=value.device, dtype=cdt)
     height = shapes[:, 0].view(1, 1, 1, levels, 1)
     width = shapes[:, 1].view(1, 1, 1, levels, 1)
-    start = level_start_index.to(device=value.device).view(1, 1, 1, levels, 1)
+    start = level_start_index.to(device=value.device).reshape(1, 1, 1, levels, 1)
     x = sampling_locations[..., 0].to(cdt) * width - 0.5
     y = sampling_locations[..., 1].to(cdt) * height - 0.5
     attn = attention_weights.to(cdt)

@@ -18,8 +18,8 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 TOLERANCE = {
     torch.float64: 1e-10,
     torch.float32: 1e-5,
-    torch.float16: 5e-3,
-    torch.bfloat16: 3e-2,
+    torch.float16: 2e-3,
+    torch.bfloat16: 1.6e-2,
 }
 
 BACKENDS = ("reference", "native")
@@ -40,11 +40,11 @@ def backend(request: pytest.FixtureRequest) -> Iterator[str]:
     try:
         try:
             deformops.set_backend(name)
+            active = deformops.backend("cpu")
         except Exception as error:  # a failed build must not pass as a skip in CI
             if name != "native":
                 raise
-            _native_unavailable(f"set_backend('native') raised {error!r}")
-        active = deformops.backend("cpu")
+            _native_unavailable(f"selecting it raised {error!r}")
         if active != name:
             if name == "native":
                 _native_unavailable(f"deformops.backend('cpu') is {active!r}")

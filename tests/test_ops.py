@@ -159,9 +159,13 @@ class TestNaive:
     def test_msda_pixel_centres_read_value(self) -> None:
         h, w, m, d = 3, 5, 2, 4
         value = torch.randn(1, h * w, m, d, dtype=torch.float64)
-        ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        ys, xs = torch.meshgrid(
+            torch.arange(h, dtype=torch.float64),
+            torch.arange(w, dtype=torch.float64),
+            indexing="ij",
+        )
         centre = torch.stack([(xs + 0.5) / w, (ys + 0.5) / h], -1).reshape(1, h * w, 1, 1, 1, 2)
-        loc = centre.expand(1, h * w, m, 1, 1, 2).to(torch.float64)
+        loc = centre.expand(1, h * w, m, 1, 1, 2)
         out = naive.multi_scale_deformable_attention(
             value,
             torch.tensor([[h, w]]),
@@ -271,11 +275,10 @@ def test_conv_channels_last(backend: str, dtype: torch.dtype) -> None:
 def test_conv_non_contiguous_arguments(backend: str) -> None:
     args = make_conv_inputs(c_in=4, c_out=6, h=5, w=6)
     strided = {
-        k: v.transpose(-1, -2).contiguous().transpose(-1, -2)
-        if k != "bias" and v is not None
-        else v
+        k: v.transpose(-1, -2).contiguous().transpose(-1, -2) if k != "bias" else v
         for k, v in args.items()
-    }
+        if isinstance(v, torch.Tensor)
+    } | {k: args[k] for k in ("stride", "padding", "dilation")}
     strided["bias"] = torch.stack([args["bias"], args["bias"]], -1)[:, 0]
     assert not strided["offset"].is_contiguous()
     assert not strided["bias"].is_contiguous()
@@ -287,6 +290,19 @@ def test_conv_non_contiguous_arguments(backend: str) -> None:
         _conv(torch.float64),
         TOLERANCE[torch.float64],
     )
+
+
+def test_conv_one_pixel_outside_has_zero_gradient(backend: str) -> None:
+    """At exactly one pixel outside (y = -1 or x = -1) the sample and its gradient are 0."""
+    args = make_conv_inputs(n=1, c_in=2, c_out=1, h=3, w=4, kh=1, kw=1, padding=0, offsets="zero")
+    args["offset"][:, 0, 0, :] = -1.0  # row 0 samples y = -1
+    args["offset"][:, 1, :, 0] = -1.0  # column 0 samples x = -1
+    offset = args["offset"].requires_grad_()
+    out = deformops.deform_conv2d(**args)
+    (grad,) = torch.autograd.grad(out.sum(), offset)
+    torch.testing.assert_close(out[0, 0, 0], args["bias"].expand(4), rtol=0, atol=0)
+    assert grad[0, 0, 0].abs().max() == 0, f"d/dy at y = -1: {grad[0, 0, 0].tolist()}"
+    assert grad[0, 1, :, 0].abs().max() == 0, f"d/dx at x = -1: {grad[0, 1, :, 0].tolist()}"
 
 
 # --- multi_scale_deformable_attention ---------------------------------------------------
@@ -357,11 +373,22 @@ def test_msda_non_contiguous_arguments(backend: str) -> None:
     )
 
 
+def test_msda_one_pixel_outside_has_zero_gradient(backend: str) -> None:
+    """Pixel coordinate -1 (x = -0.5 / W) samples 0 with zero gradient, as the original."""
+    args = make_msda_inputs(n=1, levels=((2, 4),), m=1, d=3, q=2, p=1)
+    loc = torch.tensor([[-0.5 / 4, 0.5], [0.5, -0.5 / 2]], dtype=torch.float64)
+    args["sampling_locations"] = loc.reshape(1, 2, 1, 1, 1, 2).requires_grad_()
+    out = deformops.multi_scale_deformable_attention(**args)
+    (grad,) = torch.autograd.grad(out.sum(), args["sampling_locations"])
+    assert out.abs().max() == 0
+    assert grad.abs().max() == 0, f"gradient at pixel -1: {grad.flatten().tolist()}"
+
+
 # --- autograd, custom-op and compiler checks --------------------------------------------
 
 
 def _small_conv() -> dict[str, Any]:
-    return make_conv_inputs(n=1, c_in=2, c_out=2, h=3, w=4, offset_scale=1.5)
+    return make_conv_inputs(n=1, c_in=2, c_out=1, h=2, w=3, offset_scale=1.5)
 
 
 def _small_msda() -> dict[str, Any]:
@@ -443,7 +470,22 @@ def test_conv_opcheck(backend: str) -> None:
     _opcheck_with_backward(
         torch.ops.deformops.deform_conv2d.default, args, "deformops::deform_conv2d_backward"
     )
-    no_mask = (a["input"], a["offset"], a["weight"], None, None, 2, 1, 0, 1, 1, 2)
+    b = _requires_grad(
+        make_conv_inputs(
+            n=1,
+            c_in=2,
+            c_out=2,
+            h=4,
+            w=5,
+            stride=(2, 1),
+            padding=(0, 1),
+            dilation=(1, 2),
+            mask=False,
+            bias=False,
+        ),
+        CONV_FLOATS,
+    )
+    no_mask = (b["input"], b["offset"], b["weight"], None, None, 2, 1, 0, 1, 1, 2)
     _opcheck_with_backward(
         torch.ops.deformops.deform_conv2d.default, no_mask, "deformops::deform_conv2d_backward"
     )

@@ -144,6 +144,9 @@ class DeformConv2d(nn.Module):
         Tensor
             ``[N, C_out, H_out, W_out]``.
         """
+        if not isinstance(input, Tensor) or input.dim() != 4 or input.shape[1] != self.in_channels:
+            got = tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__
+            raise ValueError(f"input: expected shape [N, {self.in_channels}, H, W], got {got}")
         if offset is None:
             if mask is not None:
                 raise ValueError("mask: a mask was given without offset; pass both or neither")
