@@ -6,9 +6,9 @@ later process:
 
 - CPU library: ``csrc/bindings.cpp`` and ``csrc/cpu/*.cpp``. It defines the operators of the
   ``deformops_native`` namespace and their CPU kernels.
-- CUDA library: ``csrc/bindings_cuda.cpp`` and ``csrc/cuda/*.cu``, built for the GPU
-  architectures present. It registers CUDA kernels for the operators that the CPU library
-  defines, so it is loaded after it.
+- CUDA library: ``csrc/bindings_cuda.cpp``, ``csrc/cuda/*.cu`` and ``csrc/cuda/*.cpp``,
+  built for the GPU architectures present. It registers CUDA kernels for the operators
+  that the CPU library defines, so it is loaded after it.
 
 Each library lives in ``cache_dir()/<key>/``. The key hashes everything the build depends
 on: the contents of the sources and headers, the torch, Python and CUDA versions, the C++
@@ -77,7 +77,11 @@ _NVCC_FLAGS = (
     "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
 )
 _ARCH_PATTERN = re.compile(r"^(?:sm_)?(\d+)\.?(\d)([af]?)(\+PTX)?$", re.IGNORECASE)
-_ERROR_TAIL_LINES = 25
+# A failed build is summarised by the compiler's first error line, the lines before it
+# (the "In file included from" chain) and those after it, up to _ERROR_LINES in all.
+_ERROR_LINE = re.compile(r"(^|[\s:])error\b", re.IGNORECASE)
+_ERROR_LINES = 30
+_ERROR_CONTEXT = 4
 
 # Builds one library in a child process, so that a failed build leaves this process
 # untouched; loading the library there checks it before it is published to the cache.
@@ -455,8 +459,8 @@ def _compile(recipe: _Recipe, library: Path, verbose: bool) -> None:
         failure = _run_child([sys.executable, "-c", _CHILD, json.dumps(spec)], env, verbose)
         built = workdir / f"{recipe.name}.so"
         if failure is not None or not built.is_file():
-            tail = _error_tail(failure or "")
-            raise BuildError(f"compiling the native {recipe.label} library failed:\n{tail}")
+            summary = _error_summary(failure or "")
+            raise BuildError(f"compiling the native {recipe.label} library failed:\n{summary}")
         _write_metadata(recipe, entry, built, time.perf_counter() - start)
         os.replace(built, library)
     finally:
@@ -479,17 +483,25 @@ def _run_child(command: list[str], env: dict[str, str], verbose: bool) -> str | 
     return None if child.returncode == 0 else "".join(lines)
 
 
-def _error_tail(output: str) -> str:
-    """The compiler's messages at the end of a failed build, without ninja's command lines."""
+def _error_summary(output: str) -> str:
+    """The compiler's messages from a failed build, from its first error on.
+
+    Ninja's command lines are left out; without an error line, the end of the output.
+    """
     kept = []
     skip_next = False
     for line in output.splitlines():
         if skip_next or re.match(r"^(Error building extension '[^']*': )?\[\d+/\d+\] ", line):
             skip_next = False
             continue
-        skip_next = line.startswith("FAILED: ")  # ninja repeats the command on the next line
-        kept.append(line)
-    return "\n".join(kept[-_ERROR_TAIL_LINES:]).strip()
+        skip_next = line.startswith("FAILED: ")  # the failed command follows on the next line
+        if not skip_next:
+            kept.append(line)
+    first = next((i for i, line in enumerate(kept) if _ERROR_LINE.search(line)), None)
+    if first is None:
+        return "\n".join(kept[-_ERROR_LINES:]).strip()
+    start = max(first - _ERROR_CONTEXT, 0)
+    return "\n".join(kept[start : start + _ERROR_LINES]).strip()
 
 
 def _write_metadata(recipe: _Recipe, entry: Path, library: Path, seconds: float) -> None:
@@ -578,7 +590,8 @@ def _sources(device_type: str, root: Path) -> tuple[Path, ...]:
     if device_type == "cpu":
         bindings, kernels = root / "bindings.cpp", sorted((root / "cpu").glob("*.cpp"))
     else:
-        bindings, kernels = root / "bindings_cuda.cpp", sorted((root / "cuda").glob("*.cu"))
+        bindings = root / "bindings_cuda.cpp"
+        kernels = sorted([*(root / "cuda").glob("*.cu"), *(root / "cuda").glob("*.cpp")])
     if not bindings.is_file():
         raise BuildError(f"the native sources are missing: {bindings} does not exist")
     return (bindings, *kernels)
