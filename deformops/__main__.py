@@ -4,6 +4,8 @@
 - ``check``: both modules forward and backward on every available device and backend,
   compared with the float64 reference; prints a table, exits 1 on any mismatch.
 - ``build``: compile the native library ahead of time (for Docker images) and print where.
+- ``bench``: the benchmark workloads, for this package and its peers (see
+  :mod:`deformops.bench`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from . import __version__, _build, ops
+from .bench import cli as bench_cli
 from .nn import DeformAttn2d, DeformConv2d
 
 #: Largest relative error (norm) of float32 results against the float64 reference.
@@ -166,7 +169,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     build_parser.add_argument(
         "--arch", nargs="+", help="CUDA architectures, e.g. 8.0 9.0 (default: the GPUs present)"
     )
+    bench_parser = commands.add_parser("bench", help="benchmark the operators and their peers")
+    bench_cli.add_arguments(bench_parser)
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        return bench_cli.run(args)
     if args.command == "info":
         return info()
     if args.command == "check":
