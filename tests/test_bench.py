@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deformops.bench import cli, peers, peers_worker, workloads
+from deformops.bench import cli, peers, peers_worker, timing, workloads
 
 BENCH = Path(cli.__file__).parent
 REFERENCE = BENCH.parent / "reference.py"
@@ -111,7 +111,7 @@ def test_cpu_run_records_errors_and_chart(tmp_path, capsys):
         assert "error" not in r, r
         assert r["fwd_ms"] > 0
         assert r["fwdbwd_ms"] > 0
-        assert r["peak_mib"] is None  # CPU: not measured
+        assert r["peak_mib"] > 0  # CPU: from the profiler's allocation records
         assert r["version"]
         assert r["torch"] == torch.__version__
         scaled = workloads.WORKLOADS[r["workload"]].scaled(0.0625)
@@ -258,3 +258,21 @@ def test_inputs_are_random_reproducible_and_well_formed(name):
         assert first["mask"].min() >= 0
         assert first["mask"].max() <= 1
         assert 1.5 < first["offset"].float().std() < 2.5
+
+
+def test_cpu_peak_memory_counts_live_allocations():
+    """1M + 1M floats live together, then 2M: the peak above the inputs is 3M floats
+    (intermediates) plus the output and gradient buffers, i.e. at least 12 MB."""
+    x = torch.randn(1000, 1000, requires_grad=True)
+
+    def forward() -> torch.Tensor:
+        a = x * 2
+        b = a * 3
+        del a
+        c = torch.randn(2000, 1000)
+        return (b.sum() + c.sum()) * x.sum()
+
+    case = timing.Case(leaves=[x], forward=forward, grad_output=torch.ones(()))
+    measured = timing.measure(case, runs=1, warmup=0)
+    inputs_mib = (x.nbytes + 4) / 2**20
+    assert 12e6 / 2**20 + inputs_mib <= measured.peak_mib < 40e6 / 2**20 + inputs_mib

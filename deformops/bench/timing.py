@@ -14,11 +14,12 @@ Method (DESIGN.md, "Benchmark workloads"):
   256 MiB buffer is zeroed, outside the events) before each call, so that no call finds
   its inputs in L2 from the previous one; on the CPU ``time.perf_counter``;
 - the median over ``runs`` calls is reported, in milliseconds;
-- peak memory (CUDA only): the largest ``torch.cuda.max_memory_allocated`` during one
-  forward+backward above what was allocated before it, plus the bytes of the case's inputs
-  (differentiable inputs, index tables and ``grad_output``); so it is the peak of the
-  whole forward+backward including its inputs, and independent of anything else the
-  process holds.
+- peak memory: the largest amount allocated during one forward+backward above what was
+  allocated before it, plus the bytes of the case's inputs (differentiable inputs, index
+  tables and ``grad_output``); so it is the peak of the whole forward+backward including
+  its inputs, and independent of anything else the process holds. On CUDA it is read from
+  ``torch.cuda.max_memory_allocated``; on the CPU it is the running sum of the
+  allocations and frees that ``torch.profiler`` records (``profile_memory=True``).
 """
 
 from __future__ import annotations
@@ -66,12 +67,12 @@ class Case:
 
 @dataclasses.dataclass
 class Measurement:
-    """Median times (ms), peak memory (MiB, None on the CPU) and the results of the
+    """Median times (ms), peak memory (MiB) and the results of the
     first call (output, then gradients, in the harness layout, detached)."""
 
     fwd_ms: float
     fwdbwd_ms: float
-    peak_mib: float | None
+    peak_mib: float
     results: list[Tensor]
 
 
@@ -113,14 +114,36 @@ def _times_ms(fn: Callable[[], object], runs: int, device: torch.device) -> list
     return [start.elapsed_time(end) for start, end in zip(starts, ends, strict=True)]
 
 
-def _peak_mib(case: Case, device: torch.device) -> float:
+def _cuda_peak_above(case: Case, device: torch.device) -> int:
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
     result = _forward_backward(case)
     torch.cuda.synchronize(device)
-    above = torch.cuda.max_memory_allocated(device) - before
     del result
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def _cpu_peak_above(case: Case) -> int:
+    """Peak of the running sum of the profiler's allocation (+) and free (-) records."""
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as profiler:
+        result = _forward_backward(case)
+        del result
+    events = sorted(
+        (e for e in profiler.events() if e.self_cpu_memory_usage),
+        key=lambda e: e.time_range.start,
+    )
+    running = peak = 0
+    for event in events:
+        running += event.self_cpu_memory_usage
+        peak = max(peak, running)
+    return peak
+
+
+def _peak_mib(case: Case, device: torch.device) -> float:
+    above = _cuda_peak_above(case, device) if device.type == "cuda" else _cpu_peak_above(case)
     inputs = sum(t.nbytes for t in [*case.leaves, *case.others, case.grad_output])
     return (above + inputs) / 2**20
 
@@ -149,7 +172,7 @@ def measure(case: Case, runs: int, warmup: int) -> Measurement:
     for _ in range(warmup):
         _forward(case)
         _forward_backward(case)
-    peak = _peak_mib(case, device) if device.type == "cuda" else None
+    peak = _peak_mib(case, device)
     fwd = _times_ms(lambda: _forward(case), runs, device)
     fwdbwd = _times_ms(lambda: _forward_backward(case), runs, device)
     return Measurement(statistics.median(fwd), statistics.median(fwdbwd), peak, results)
