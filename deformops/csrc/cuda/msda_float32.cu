@@ -1,0 +1,9 @@
+// The CUDA MSDA kernels for float32 values (see msda_kernels.cuh).
+#include "msda_kernels.cuh"
+
+namespace deformops::gpu::msda_detail {
+
+template cudaError_t forward<float>(const MsdaInputs&, void*, cudaStream_t);
+template cudaError_t backward<float>(const MsdaInputs&, const void*, const MsdaGrads&, cudaStream_t);
+
+}  // namespace deformops::gpu::msda_detail

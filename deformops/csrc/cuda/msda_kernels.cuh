@@ -1,0 +1,593 @@
+// Kernels and launch logic of the CUDA multi-scale deformable attention, as
+// templates over the value's element type T (float, __half, __nv_bfloat16,
+// double). msda_<type>.cu instantiates them for one T each, so that the types
+// compile in parallel; msda.cu dispatches on the dtype.
+//
+// Work decomposition. A group of threads serves one (n, m, q) triple; groups
+// are ordered with q fastest, so that the threads resident on an SM at a time
+// mostly sample one head of one batch element and share its rows in L1 / L2.
+// A group has 2^log_c channel lanes, each owning VEC consecutive channels (one
+// vector of up to 16 bytes on the fast path), and 2^log_s point lanes that
+// share out the L * P samples in rounds of one sample per channel lane.
+//
+// In a round, channel lane c computes the corners of sample (round * lanes + c)
+// with sampling.h (once per sample, not once per lane) and the lanes take turns
+// broadcasting theirs with warp shuffles; every lane then reads its channels of
+// the four corners (all loads in flight together) and
+//  - forward: accumulates attention * weight * value in float (double), and
+//    the point lanes are summed with shuffles at the end;
+//  - backward: dots the corner vectors with its grad_output channels, scatters
+//    attention * weight * grad_output into the value gradient with vector
+//    atomics (16-byte red on sm_90), and the dots, summed over the channel lanes
+//    with shuffles, give the owner lane the gradients of the location and the
+//    attention weight, which it writes once (no atomics).
+// Fast path: D = lanes * VEC with lanes a power of two <= 32 and aligned
+// pointers, one pass over the channels. Generic path (any D; float64): VEC = 1,
+// up to 32 channel lanes and as many passes as D needs.
+#pragma once
+
+#include <atomic>
+
+#include "../sampling.h"
+#include "common.cuh"
+#include "msda.h"
+
+namespace deformops::gpu::msda_detail {
+
+constexpr int kBlock = 256;
+
+// Resident blocks per SM the kernels are compiled for (their register budget,
+// chosen so that nothing spills: scripts/check_cuda_compile.py): the forward's
+// fast path with 4 channels per lane fits 64 registers, with 8 channels (half
+// precision) 80; its generic path needs 80 and the backward 128.
+constexpr int forward_blocks(int vec, bool one_pass) { return one_pass && vec <= 4 ? 4 : 3; }
+constexpr int kBackwardBlocks = 2;
+
+// Vector shape of the fast path for values of type T whose value gradient is
+// accumulated in G (the forward uses G = T): VEC elements per load, with
+// VEC * sizeof(T) and VEC * sizeof(G) at most 16 bytes, so that a lane's loads,
+// stores and vector atomics are single instructions and the lanes of a group
+// cover whole 32-byte sectors together (a half-precision value with a float32
+// gradient workspace reads 8 bytes and adds 16).
+// float64 takes the generic path only (it serves gradcheck, not speed).
+template <typename T, typename G>
+struct FastShape {
+  static constexpr int kVec =
+      sizeof(T) == 8 ? 1 : 16 / static_cast<int>(sizeof(T) > sizeof(G) ? sizeof(T) : sizeof(G));
+  static constexpr bool kEnabled = sizeof(T) < 8;
+};
+
+// How threads map onto the problem (see the file comment).
+struct Layout {
+  int64_t groups;   // N * M * Q
+  int64_t threads;  // groups << (log_c + log_s)
+  int log_c;        // log2 of the channel lanes of a group
+  int log_s;        // log2 of the point lanes of a group
+  int passes;       // passes over the channels (1 on the fast path)
+  bool fast;        // the fast path
+};
+
+// Kernel arguments shared by the forward and the backward.
+template <typename T>
+struct Args {
+  MsdaSizes s;
+  Layout lay;
+  const T* value;
+  const int64_t* spatial_shapes;
+  const int64_t* level_start;
+  const void* locations;
+  const void* weights;
+  bool locations_float;  // locations stored as float (else as T)
+  bool weights_float;    // attention weights stored as float (else as T)
+};
+
+// Marks a corner the backward need not read (outside the map or dropped).
+constexpr uint32_t kNoCorner = 0xffffffffu;
+
+// What the owner lane of a sample computes and shares (pos, scaled) or keeps
+// for the gradients of its location and attention weight.
+template <typename A>
+struct Sample {
+  uint32_t pos[4];  // flat position of each corner in [0, S); kNoCorner: not read
+  A scaled[4];      // attention * corner weight (0 for a corner not read)
+  A weight[4], dweight_dy[4], dweight_dx[4];
+  A attention;
+  A w, h;           // the level's width and height
+  int64_t index;    // the sample's index in attention_weights
+};
+
+// The owner's work for sample j (< L * P) of the (n, q, m) row `nqm`: load its
+// location and attention weight, compute its corners (sampling.h) in precision
+// C, drop those outside the value's S positions (rebase_corners: memory safety
+// even when the level tables disagree with S).
+//
+// The backward uses C = double whatever T: rounding a pixel coordinate to float
+// can move a point across a pixel edge, where the location gradient jumps
+// (float64 does not round there). The forward's output is continuous in the
+// location, so it uses C = A.
+template <typename C, typename T, typename A>
+__device__ __forceinline__ Sample<A> owner_sample(const Args<T>& a, int64_t nqm, int64_t j) {
+  const MsdaSizes& s = a.s;
+  const int64_t l = j / s.points;
+  Sample<A> smp;
+  smp.index = nqm * (s.levels * s.points) + j;
+  const C x = load_either<C, T>(a.locations, a.locations_float, 2 * smp.index);
+  const C y = load_either<C, T>(a.locations, a.locations_float, 2 * smp.index + 1);
+  smp.attention = load_either<A, T>(a.weights, a.weights_float, smp.index);
+  const int64_t h = __ldg(a.spatial_shapes + 2 * l);
+  const int64_t w = __ldg(a.spatial_shapes + 2 * l + 1);
+  Corners<C> c = bilinear_corners<C>(y * static_cast<C>(h) - C(0.5),
+                                     x * static_cast<C>(w) - C(0.5), h, w);
+  rebase_corners(c, __ldg(a.level_start + l), s.spatial);
+  smp.h = static_cast<A>(h);
+  smp.w = static_cast<A>(w);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const bool read = c.weight[k] != C(0) || c.dweight_dy[k] != C(0) || c.dweight_dx[k] != C(0);
+    smp.pos[k] = read ? static_cast<uint32_t>(c.offset[k]) : kNoCorner;
+    smp.weight[k] = static_cast<A>(c.weight[k]);
+    smp.dweight_dy[k] = static_cast<A>(c.dweight_dy[k]);
+    smp.dweight_dx[k] = static_cast<A>(c.dweight_dx[k]);
+    smp.scaled[k] = smp.attention * smp.weight[k];
+  }
+  return smp;
+}
+
+// An empty sample (beyond L * P): nothing to read, nothing to add.
+template <typename A>
+__device__ __forceinline__ Sample<A> empty_sample() {
+  Sample<A> smp;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    smp.pos[k] = kNoCorner;
+    smp.scaled[k] = A(0);
+    smp.weight[k] = smp.dweight_dy[k] = smp.dweight_dx[k] = A(0);
+  }
+  smp.attention = smp.w = smp.h = A(0);
+  smp.index = 0;
+  return smp;
+}
+
+// The corner positions and scaled weights of the sample owned by lane `owner`
+// of this lane's segment of `lanes` lanes.
+template <typename A>
+struct Shared {
+  uint32_t pos[4];
+  A scaled[4];
+};
+
+template <typename A>
+__device__ __forceinline__ Shared<A> receive(const Sample<A>& mine, int owner, int lanes,
+                                             unsigned int mask) {
+  Shared<A> sh;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    sh.pos[k] = __shfl_sync(mask, mine.pos[k], owner, lanes);
+    sh.scaled[k] = __shfl_sync(mask, mine.scaled[k], owner, lanes);
+  }
+  return sh;
+}
+
+// Loads the lane's VEC channels of the corners at positions pos[k] (row:
+// elements between positions) from `data` (the lane's first channel at position
+// 0), or zeros where read[k] is false. The loads are independent, so they are
+// in flight together.
+template <int VEC, typename T, typename A>
+__device__ __forceinline__ void load_corners(const T* data, uint32_t row, const uint32_t (&pos)[4],
+                                             const bool (&read)[4], A (&v)[4][VEC]) {
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      v[k][e] = A(0);
+    }
+    if (read[k]) {
+      load_vec<VEC>(data + static_cast<uint64_t>(pos[k]) * row, v[k]);
+    }
+  }
+}
+
+// The decoded (n, m, q) triple of thread `t`.
+struct Position {
+  int64_t n, m;
+  int64_t nqm;  // (n * Q + q) * M + m: the row of the output and of the samples
+  bool valid;   // t serves an existing group
+};
+
+__device__ __forceinline__ Position locate(const MsdaSizes& s, const Layout& lay, int64_t t) {
+  Position pos;
+  const int64_t g = t >> (lay.log_c + lay.log_s);
+  pos.valid = g < lay.groups;
+  const int64_t gg = pos.valid ? g : 0;
+  const int64_t q = gg % s.queries;
+  const int64_t nm = gg / s.queries;
+  pos.m = nm % s.heads;
+  pos.n = nm / s.heads;
+  pos.nqm = (pos.n * s.queries + q) * s.heads + pos.m;
+  return pos;
+}
+
+// The first of the VEC channels of lane c in pass `pass`: ((pass * lanes) + c) *
+// VEC, so that the lanes of a group read and add consecutive vectors.
+template <int VEC>
+__device__ __forceinline__ int64_t first_channel(int pass, int lane_c, int log_c) {
+  return ((static_cast<int64_t>(pass) << log_c) + lane_c) * VEC;
+}
+
+// The lanes of this thread's channel segment (its group's channel lanes for one
+// point lane), as a shuffle mask.
+__device__ __forceinline__ unsigned int segment_mask(int lanes) {
+  const unsigned int bits = lanes == 32 ? 0xffffffffu : (1u << lanes) - 1u;
+  return bits << ((threadIdx.x & 31) & ~(lanes - 1));
+}
+
+template <typename T, int VEC, bool ONE_PASS>
+__global__ void __launch_bounds__(kBlock, forward_blocks(VEC, ONE_PASS))
+    msda_forward_kernel(const Args<T> a, T* __restrict__ output) {
+  using A = acc_type<T>;
+  const MsdaSizes& s = a.s;
+  const Layout& lay = a.lay;
+  const int lanes = 1 << lay.log_c;
+  const int lane_c = threadIdx.x & (lanes - 1);
+  const int lane_s = (threadIdx.x >> lay.log_c) & ((1 << lay.log_s) - 1);
+  const unsigned int mask = segment_mask(lanes);
+  const uint32_t row = static_cast<uint32_t>(s.heads * s.channels);
+  const int64_t samples = s.levels * s.points;
+  const int64_t rounds = (samples + lanes - 1) >> lay.log_c;
+  const int passes = ONE_PASS ? 1 : lay.passes;
+  // The loop bound is uniform over the block, so every lane reaches the shuffles.
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * kBlock; base < lay.threads;
+       base += static_cast<int64_t>(gridDim.x) * kBlock) {
+    const Position pos = locate(s, lay, base + threadIdx.x);
+    const T* value_nm = a.value + (pos.n * s.spatial * row + pos.m * s.channels);
+    for (int pass = 0; pass < passes; ++pass) {
+      const int64_t d = first_channel<VEC>(pass, lane_c, lay.log_c);
+      const bool has_channels = d < s.channels;
+      A acc[VEC] = {};
+      for (int64_t r = lane_s; pos.valid && r < rounds; r += int64_t{1} << lay.log_s) {
+        const int64_t j = (r << lay.log_c) + lane_c;
+        const Sample<A> mine =
+            j < samples ? owner_sample<A, T, A>(a, pos.nqm, j) : empty_sample<A>();
+        const int count = static_cast<int>(min(int64_t{lanes}, samples - (r << lay.log_c)));
+        for (int owner = 0; owner < count; ++owner) {
+          const Shared<A> sh = receive(mine, owner, lanes, mask);
+          bool read[4];
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            read[k] = has_channels && sh.scaled[k] != A(0);
+          }
+          A v[4][VEC];
+          load_corners<VEC>(value_nm + d, row, sh.pos, read, v);
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) {
+              acc[e] += sh.scaled[k] * v[k][e];
+            }
+          }
+        }
+      }
+      if (lay.log_s > 0) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          acc[e] = lane_sum(acc[e], lanes, 1 << (lay.log_c + lay.log_s));
+        }
+      }
+      if (pos.valid && has_channels && lane_s == 0) {
+        store_vec_streaming<VEC>(output + pos.nqm * s.channels + d, acc);
+      }
+    }
+  }
+}
+
+// G: element type of the value gradient the atomics accumulate into (T, or
+// float for a half-precision T with a float32 workspace).
+template <typename T, typename G, int VEC, bool ONE_PASS>
+__global__ void __launch_bounds__(kBlock, kBackwardBlocks)
+    msda_backward_kernel(const Args<T> a, const T* __restrict__ grad_output,
+                         G* __restrict__ grad_value, void* __restrict__ grad_locations,
+                         void* __restrict__ grad_weights) {
+  using A = acc_type<T>;
+  const MsdaSizes& s = a.s;
+  const Layout& lay = a.lay;
+  const int lanes = 1 << lay.log_c;
+  const int lane_c = threadIdx.x & (lanes - 1);
+  const int lane_s = (threadIdx.x >> lay.log_c) & ((1 << lay.log_s) - 1);
+  const unsigned int mask = segment_mask(lanes);
+  const uint32_t row = static_cast<uint32_t>(s.heads * s.channels);
+  const int64_t samples = s.levels * s.points;
+  const int64_t rounds = (samples + lanes - 1) >> lay.log_c;
+  const int passes = ONE_PASS ? 1 : lay.passes;
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * kBlock; base < lay.threads;
+       base += static_cast<int64_t>(gridDim.x) * kBlock) {
+    const Position pos = locate(s, lay, base + threadIdx.x);
+    const int64_t value_offset = pos.n * s.spatial * row + pos.m * s.channels;
+    const T* grad_out = grad_output + pos.nqm * s.channels;
+    A go[VEC] = {};
+    if constexpr (ONE_PASS) {
+      const int64_t d = first_channel<VEC>(0, lane_c, lay.log_c);
+      if (pos.valid && d < s.channels) {
+        load_vec_streaming<VEC>(grad_out + d, go);
+      }
+    }
+    for (int64_t r = lane_s; pos.valid && r < rounds; r += int64_t{1} << lay.log_s) {
+      const int64_t j = (r << lay.log_c) + lane_c;
+      const Sample<A> mine =
+          j < samples ? owner_sample<double, T, A>(a, pos.nqm, j) : empty_sample<A>();
+      const int count = static_cast<int>(min(int64_t{lanes}, samples - (r << lay.log_c)));
+      for (int owner = 0; owner < count; ++owner) {
+        const Shared<A> sh = receive(mine, owner, lanes, mask);
+        A dot[4] = {};  // this lane's part of (corner value) . grad_output
+        for (int pass = 0; pass < passes; ++pass) {
+          const int64_t d = first_channel<VEC>(pass, lane_c, lay.log_c);
+          if (d >= s.channels) {
+            continue;
+          }
+          if constexpr (!ONE_PASS) {
+            load_vec_streaming<VEC>(grad_out + d, go);
+          }
+          bool read[4];
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            read[k] = sh.pos[k] != kNoCorner;
+          }
+          A v[4][VEC];
+          load_corners<VEC>(a.value + value_offset + d, row, sh.pos, read, v);
+          G* grad_corner = grad_value + value_offset + d;
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) {
+              dot[k] += v[k][e] * go[e];
+            }
+            if (sh.scaled[k] != A(0)) {
+              A add[VEC];
+#pragma unroll
+              for (int e = 0; e < VEC; ++e) {
+                add[e] = sh.scaled[k] * go[e];
+              }
+              atomic_add_vec<VEC>(grad_corner + static_cast<uint64_t>(sh.pos[k]) * row, add);
+            }
+          }
+        }
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          dot[k] = lane_sum(dot[k], 1, lanes, mask);
+        }
+        if (lane_c == owner) {
+          A grad_a = A(0);  // d loss / d attention weight
+          A grad_y = A(0);  // d loss / d y (pixels) / attention
+          A grad_x = A(0);
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            grad_a += mine.weight[k] * dot[k];
+            grad_y += mine.dweight_dy[k] * dot[k];
+            grad_x += mine.dweight_dx[k] * dot[k];
+          }
+          store_either<T>(grad_weights, a.weights_float, mine.index, grad_a);
+          store_either<T>(grad_locations, a.locations_float, 2 * mine.index,
+                          mine.attention * grad_x * mine.w);
+          store_either<T>(grad_locations, a.locations_float, 2 * mine.index + 1,
+                          mine.attention * grad_y * mine.h);
+        }
+      }
+    }
+  }
+}
+
+// dst[i] = src[i] rounded to T, VEC elements per thread and step.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kBlock)
+    narrow_kernel(const float* __restrict__ src, T* __restrict__ dst, int64_t vectors) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kBlock + threadIdx.x; i < vectors;
+       i += static_cast<int64_t>(gridDim.x) * kBlock) {
+    float v[VEC];
+    load_vec_streaming<VEC>(src + i * VEC, v);
+    store_vec_streaming<VEC>(dst + i * VEC, v);
+  }
+}
+
+// Number of SMs of the current device (132 if it cannot be read), cached per device.
+inline int sm_count() {
+  constexpr int kDevices = 64;
+  static std::atomic<int> cache[kDevices] = {};
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    return 132;
+  }
+  if (device >= 0 && device < kDevices && cache[device].load(std::memory_order_relaxed) > 0) {
+    return cache[device].load(std::memory_order_relaxed);
+  }
+  int count = 0;
+  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+      count <= 0) {
+    return 132;
+  }
+  if (device >= 0 && device < kDevices) {
+    cache[device].store(count, std::memory_order_relaxed);
+  }
+  return count;
+}
+
+inline int ceil_log2(int64_t x) {
+  int k = 0;
+  while ((int64_t{1} << k) < x) {
+    ++k;
+  }
+  return k;
+}
+
+// Whether x is a power of two no larger than 32.
+inline bool small_power_of_two(int64_t x) { return x > 0 && x <= 32 && (x & (x - 1)) == 0; }
+
+// The layout of a problem for the fast path's lane width `lane_channels` (0:
+// generic path only); `aligned`: every vector-accessed pointer is 16-byte aligned.
+inline Layout make_layout(const MsdaSizes& s, int lane_channels, bool aligned) {
+  Layout lay;
+  lay.groups = s.batch * s.heads * s.queries;
+  const int64_t lanes = lane_channels > 0 ? s.channels / lane_channels : 0;
+  lay.fast = lane_channels > 0 && aligned && s.channels % lane_channels == 0 &&
+             small_power_of_two(lanes);
+  if (lay.fast) {
+    lay.log_c = ceil_log2(lanes);
+    lay.passes = 1;
+  } else {
+    lay.log_c = ceil_log2(s.channels < 32 ? s.channels : 32);
+    lay.passes = static_cast<int>((s.channels + (1 << lay.log_c) - 1) >> lay.log_c);
+  }
+  // Point lanes: enough threads to fill the GPU several times over (and fewer
+  // (n, m) pairs in flight at once, so that their rows stay in L2).
+  const int64_t target = int64_t{4} * 2048 * sm_count();
+  const int64_t rounds = (s.levels * s.points + (1 << lay.log_c) - 1) >> lay.log_c;
+  lay.log_s = 0;
+  while (lay.log_c + lay.log_s < 5 && (int64_t{2} << lay.log_s) <= rounds &&
+         (lay.groups << (lay.log_c + lay.log_s)) < target) {
+    ++lay.log_s;
+  }
+  lay.threads = lay.groups << (lay.log_c + lay.log_s);
+  return lay;
+}
+
+inline unsigned int grid_for(int64_t threads) {
+  const int64_t blocks = (threads + kBlock - 1) / kBlock;
+  return static_cast<unsigned int>(blocks < (int64_t{1} << 30) ? blocks : (int64_t{1} << 30));
+}
+
+// Non-negative sizes, with S and M * D below 2^32 (positions and rows are
+// indexed with 32-bit factors; element offsets are 64-bit).
+inline bool valid_sizes(const MsdaSizes& s) {
+  constexpr int64_t kLimit = int64_t{1} << 32;
+  return s.batch >= 0 && s.spatial >= 0 && s.heads >= 0 && s.channels >= 0 && s.queries >= 0 &&
+         s.levels >= 0 && s.points >= 0 && s.spatial < kLimit && s.heads * s.channels < kLimit;
+}
+
+// Locations and attention weights are stored in the value's dtype or in float32.
+inline bool stored_as_value_or_float(Dtype dtype, Dtype value_dtype) {
+  return dtype == value_dtype || dtype == Dtype::kFloat32;
+}
+
+inline bool valid_inputs(const MsdaInputs& in) {
+  return valid_sizes(in.sizes) && stored_as_value_or_float(in.locations_dtype, in.value_dtype) &&
+         stored_as_value_or_float(in.weights_dtype, in.value_dtype);
+}
+
+template <typename T>
+Args<T> make_args(const MsdaInputs& in, const Layout& lay) {
+  Args<T> a;
+  a.s = in.sizes;
+  a.lay = lay;
+  a.value = static_cast<const T*>(in.value);
+  a.spatial_shapes = in.spatial_shapes;
+  a.level_start = in.level_start_index;
+  a.locations = in.sampling_locations;
+  a.weights = in.attention_weights;
+  a.locations_float = in.locations_dtype == Dtype::kFloat32;
+  a.weights_float = in.weights_dtype == Dtype::kFloat32;
+  return a;
+}
+
+template <typename T, typename G>
+constexpr int fast_lane_channels() {
+  using F = FastShape<T, G>;
+  return F::kEnabled ? F::kVec : 0;
+}
+
+template <typename T>
+cudaError_t forward(const MsdaInputs& in, void* output, cudaStream_t stream) {
+  if (!valid_inputs(in)) {
+    return cudaErrorInvalidValue;
+  }
+  const bool aligned = is_aligned(in.value, 16) && is_aligned(output, 16);
+  const Layout lay = make_layout(in.sizes, fast_lane_channels<T, T>(), aligned);
+  if (lay.threads == 0 || in.sizes.channels == 0) {
+    return cudaSuccess;
+  }
+  const Args<T> a = make_args<T>(in, lay);
+  T* out = static_cast<T*>(output);
+  const unsigned int grid = grid_for(lay.threads);
+  using F = FastShape<T, T>;
+  if constexpr (F::kEnabled) {
+    if (lay.fast) {
+      msda_forward_kernel<T, F::kVec, true><<<grid, kBlock, 0, stream>>>(a, out);
+      return cudaGetLastError();
+    }
+  }
+  msda_forward_kernel<T, 1, false><<<grid, kBlock, 0, stream>>>(a, out);
+  return cudaGetLastError();
+}
+
+template <typename T, typename G>
+cudaError_t launch_backward(const MsdaInputs& in, const T* grad_output, G* grad_value,
+                            const MsdaGrads& grads, bool aligned, cudaStream_t stream) {
+  const Layout lay = make_layout(in.sizes, fast_lane_channels<T, G>(), aligned);
+  if (lay.threads == 0) {
+    return cudaSuccess;
+  }
+  const Args<T> a = make_args<T>(in, lay);
+  const unsigned int grid = grid_for(lay.threads);
+  using F = FastShape<T, G>;
+  if constexpr (F::kEnabled) {
+    if (lay.fast) {
+      msda_backward_kernel<T, G, F::kVec, true><<<grid, kBlock, 0, stream>>>(
+          a, grad_output, grad_value, grads.grad_sampling_locations,
+          grads.grad_attention_weights);
+      return cudaGetLastError();
+    }
+  }
+  msda_backward_kernel<T, G, 1, false><<<grid, kBlock, 0, stream>>>(
+      a, grad_output, grad_value, grads.grad_sampling_locations, grads.grad_attention_weights);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t narrow_into(const float* src, T* dst, int64_t n, cudaStream_t stream) {
+  if (n == 0) {
+    return cudaSuccess;
+  }
+  const int64_t cap = int64_t{16} * sm_count() * (2048 / kBlock);
+  if (n % 4 == 0 && is_aligned(src, 16) && is_aligned(dst, 4 * sizeof(T))) {
+    const int64_t vectors = n / 4;
+    const unsigned int grid = grid_for(vectors < cap * kBlock ? vectors : cap * kBlock);
+    narrow_kernel<T, 4><<<grid, kBlock, 0, stream>>>(src, dst, vectors);
+  } else {
+    const unsigned int grid = grid_for(n < cap * kBlock ? n : cap * kBlock);
+    narrow_kernel<T, 1><<<grid, kBlock, 0, stream>>>(src, dst, n);
+  }
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t backward(const MsdaInputs& in, const void* grad_output, const MsdaGrads& grads,
+                     cudaStream_t stream) {
+  if (!valid_inputs(in)) {
+    return cudaErrorInvalidValue;
+  }
+  constexpr bool kHalf = sizeof(T) == 2;
+  const bool workspace = kHalf && grads.grad_value_workspace != nullptr;
+  void* target = workspace ? static_cast<void*>(grads.grad_value_workspace) : grads.grad_value;
+  const int64_t elements = msda_workspace_elements(in.sizes);
+  const size_t bytes = static_cast<size_t>(elements) * (workspace ? sizeof(float) : sizeof(T));
+  if (elements > 0) {
+    const cudaError_t cleared = cudaMemsetAsync(target, 0, bytes, stream);
+    if (cleared != cudaSuccess) {
+      return cleared;
+    }
+  }
+  const T* go = static_cast<const T*>(grad_output);
+  const bool aligned =
+      is_aligned(in.value, 16) && is_aligned(grad_output, 16) && is_aligned(target, 16);
+  if constexpr (kHalf) {
+    if (workspace) {
+      const cudaError_t launched = launch_backward(
+          in, go, grads.grad_value_workspace, grads, aligned, stream);
+      if (launched != cudaSuccess) {
+        return launched;
+      }
+      return narrow_into(grads.grad_value_workspace, static_cast<T*>(grads.grad_value), elements,
+                         stream);
+    }
+  }
+  return launch_backward(in, go, static_cast<T*>(target), grads, aligned, stream);
+}
+
+}  // namespace deformops::gpu::msda_detail
