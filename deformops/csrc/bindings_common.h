@@ -6,7 +6,7 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 
-#include <type_traits>
+#include <optional>
 #include <utility>
 
 namespace deformops_native {
@@ -37,21 +37,9 @@ decltype(auto) dispatch_floating(at::ScalarType dtype, const char* what, F&& f) 
     case at::kDouble:
       return std::forward<F>(f)(TypeTag<double>{});
     default:
-      TORCH_CHECK(false, "deformops: ", what, " must be float16, bfloat16, float32 or float64, got ",
-                  dtype);
+      TORCH_CHECK(false, "deformops: ", what,
+                  " must be float16, bfloat16, float32 or float64, got ", dtype);
   }
-}
-
-// Calls `f(TypeTag<P>{})` for a tensor that may be stored either in the element
-// type V of another tensor or in float32 (P = V or float).
-template <typename V, typename F>
-decltype(auto) dispatch_same_or_float(at::ScalarType dtype, const char* what, F&& f) {
-  if (dtype == c10::CppTypeToScalarType<V>::value) {
-    return std::forward<F>(f)(TypeTag<V>{});
-  }
-  TORCH_CHECK(dtype == at::kFloat, "deformops: ", what, " must be ",
-              c10::CppTypeToScalarType<V>::value, " or float32, got ", dtype);
-  return std::forward<F>(f)(TypeTag<float>{});
 }
 
 // Checks that `t` has `dim` dimensions.
@@ -64,6 +52,13 @@ inline void check_dim(const at::Tensor& t, int64_t dim, const char* what) {
 inline void check_dtype(const at::Tensor& t, at::ScalarType dtype, const char* what) {
   TORCH_CHECK(t.scalar_type() == dtype, "deformops: ", what, " must be ", dtype, ", got ",
               t.scalar_type());
+}
+
+// Checks that `t` has dtype `dtype` or float32 (MSDA's sampling locations and
+// attention weights, which may keep float32 beside a half-precision value).
+inline void check_dtype_or_float(const at::Tensor& t, at::ScalarType dtype, const char* what) {
+  TORCH_CHECK(t.scalar_type() == dtype || t.scalar_type() == at::kFloat, "deformops: ", what,
+              " must be ", dtype, " or float32, got ", t.scalar_type());
 }
 
 // Checks that `t` lives on the device of `like`.
@@ -82,15 +77,25 @@ inline at::MemoryFormat output_memory_format(const at::Tensor& input) {
   return at::MemoryFormat::Contiguous;
 }
 
-// `t` as a contiguous tensor, or an undefined tensor when `t` is absent.
-inline at::Tensor contiguous_or_undefined(const c10::optional<at::Tensor>& t) {
-  return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
+// `t` in `dtype` and contiguous in `format`, with at most one copy (none when it
+// already is).
+inline at::Tensor as_layout(const at::Tensor& t, at::ScalarType dtype,
+                            at::MemoryFormat format = at::MemoryFormat::Contiguous) {
+  // Tensor::to alone returns a non-contiguous tensor of the right dtype unchanged.
+  return t.scalar_type() == dtype ? t.contiguous(format)
+                                  : t.to(dtype, /*non_blocking=*/false, /*copy=*/false, format);
 }
 
-// The pointer to the elements of `t` as T, or null when `t` is undefined.
+// as_layout of `t`, or an undefined tensor when `t` is absent or undefined.
+inline at::Tensor as_layout_or_undefined(const std::optional<at::Tensor>& t,
+                                         at::ScalarType dtype) {
+  return t.has_value() && t->defined() ? as_layout(*t, dtype) : at::Tensor();
+}
+
+// The elements of `t` as const T*, or null when `t` is undefined.
 template <typename T>
-T* data_or_null(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<T>() : nullptr;
+const T* const_data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
 }
 
 }  // namespace deformops_native

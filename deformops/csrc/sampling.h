@@ -143,6 +143,19 @@ DEFORMOPS_UNROLL
   }
 }
 
+// Calls `visit(offset, weight)` for each corner of nonzero weight: the scatter
+// pattern of the value gradient, for a caller that adds a whole run of channels
+// at each corner (offset in spatial indices, as in Corners).
+template <typename T, typename Visit>
+DEFORMOPS_HD void for_each_corner(const Corners<T>& c, Visit visit) {
+DEFORMOPS_UNROLL
+  for (int i = 0; i < 4; ++i) {
+    if (c.weight[i] != T(0)) {
+      visit(c.offset[i], c.weight[i]);
+    }
+  }
+}
+
 // Derivatives of the sample with respect to the location only (no value gradient).
 template <typename T, typename V>
 DEFORMOPS_HD void bilinear_sample_grad_location(const V* data, int64_t stride,

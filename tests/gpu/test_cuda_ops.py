@@ -87,7 +87,8 @@ def test_conv_matches_float64(case, dtype, channels_last):
         return deformops.deform_conv2d(**dict(zip(names, tensors, strict=True)), **params)
 
     results = _forward_backward(op, [kwargs[k] for k in names])
-    assert results[0].is_contiguous(memory_format=torch.channels_last) == channels_last
+    if results[0].shape[-2:].numel() > 1:  # a 1x1 map is contiguous in both formats
+        assert results[0].is_contiguous(memory_format=torch.channels_last) == channels_last
     expected = _forward_backward(op, [kwargs[k].double().cpu() for k in names])
     for name, r, e in zip(["output", *names], results, expected, strict=True):
         assert _relative_error(r, e) <= TOLERANCE[dtype], name

@@ -2,15 +2,14 @@
 // pointers, parallel with at::parallel_for. The bindings (bindings.cpp) check and
 // allocate the tensors, dispatch on dtypes and run the convolution's GEMMs.
 //
-// Element types: V is the storage type of the sampled data (at::Half,
-// at::BFloat16, float or double) and acc_t<V> the type it is computed in (float
-// for the half types); MSDA's locations (L) and attention weights (A) are stored
-// in V or in float. Sizes and indices are 64-bit.
+// Element type T: float or double (the bindings convert half-precision tensors
+// to float once, rather than every load converting again). Sizes and indices
+// are 64-bit.
 #pragma once
 
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #if AT_PARALLEL_OPENMP && !defined(_OPENMP)
@@ -19,8 +18,13 @@
 
 namespace deformops_native::cpu {
 
-template <typename T>
-using acc_t = at::opmath_type<T>;
+// The grain of at::parallel_for (the fewest iterations of one task) for a loop
+// whose iterations each do about `work` elementary operations: about 32768
+// operations a task.
+inline int64_t grain_for(int64_t work) {
+  constexpr int64_t kTaskWork = 32768;
+  return std::max<int64_t>(1, kTaskWork / std::max<int64_t>(1, work));
+}
 
 // Sizes of a multi-scale deformable attention: value [N, S, M, D], sampling
 // locations [N, Q, M, L, P, 2], attention weights [N, Q, M, L, P].
@@ -36,20 +40,19 @@ struct MsdaSizes {
 
 // output [N, Q, M*D] = for each head, the attention-weighted sum of the L*P
 // bilinear samples. `spatial_shapes` [L, 2] holds (H_l, W_l), `level_start`
-// [L] the flat spatial index of each level's first pixel.
-template <typename V, typename L, typename A>
-void msda_forward(const MsdaSizes& s, const V* value, const int64_t* spatial_shapes,
-                  const int64_t* level_start, const L* locations, const A* attention,
-                  V* output);
+// [L] the flat spatial index of each level's first pixel; they may disagree with
+// S (a corner outside [0, S) is skipped), but S must be positive.
+template <typename T>
+void msda_forward(const MsdaSizes& s, const T* value, const int64_t* spatial_shapes,
+                  const int64_t* level_start, const T* locations, const T* attention, T* output);
 
 // Gradients of msda_forward given `grad_output` [N, Q, M*D]: adds the value
 // gradient into `grad_value` [N, S, M, D] (zero-initialised by the caller) and
-// writes `grad_locations` and `grad_attention` (shapes of their inputs).
-template <typename V, typename L, typename A>
-void msda_backward(const MsdaSizes& s, const V* grad_output, const V* value,
-                   const int64_t* spatial_shapes, const int64_t* level_start, const L* locations,
-                   const A* attention, acc_t<V>* grad_value, L* grad_locations,
-                   A* grad_attention);
+// writes `grad_locations` and `grad_attention` (shapes of their inputs). S > 0.
+template <typename T>
+void msda_backward(const MsdaSizes& s, const T* grad_output, const T* value,
+                   const int64_t* spatial_shapes, const int64_t* level_start, const T* locations,
+                   const T* attention, T* grad_value, T* grad_locations, T* grad_attention);
 
 // Sizes of a deformable convolution: input [N, C, H, W] (read channels-last),
 // offset [N, 2*G*K, H_out, W_out], mask [N, G*K, H_out, W_out], K = kh*kw kernel
@@ -79,17 +82,17 @@ struct ConvChunk {
 
 // Fills `columns` (see ConvChunk) with the bilinear samples of the channels-last
 // `input` [N, H, W, C], times the mask when `mask` is not null.
-template <typename V>
-void deform_conv_im2col(const ConvSizes& s, const ConvChunk& chunk, const V* input,
-                        const V* offset, const V* mask, acc_t<V>* columns);
+template <typename T>
+void deform_conv_im2col(const ConvSizes& s, const ConvChunk& chunk, const T* input,
+                        const T* offset, const T* mask, T* columns);
 
 // The backward of deform_conv_im2col given `grad_columns` (columns layout): adds
 // the input gradient into the channels-last `grad_input` [N, H, W, C] and writes
 // the chunk's pixels of `grad_offset` and, when `mask` is not null, `grad_mask`
 // (layouts of offset and mask).
-template <typename V>
-void deform_conv_col2im(const ConvSizes& s, const ConvChunk& chunk, const V* input,
-                        const V* offset, const V* mask, const acc_t<V>* grad_columns,
-                        acc_t<V>* grad_input, V* grad_offset, V* grad_mask);
+template <typename T>
+void deform_conv_col2im(const ConvSizes& s, const ConvChunk& chunk, const T* input,
+                        const T* offset, const T* mask, const T* grad_columns, T* grad_input,
+                        T* grad_offset, T* grad_mask);
 
 }  // namespace deformops_native::cpu

@@ -1,0 +1,263 @@
+// Deformable convolution on the CPU: the sampling half (im2col with bilinear
+// samples, and its backward). The GEMMs with the weight run in the bindings.
+//
+// The input is read channels-last, so that the C channels of one sampled pixel
+// are contiguous: one bilinear corner computation serves a run of channels in a
+// vectorised loop.
+//
+// im2col is parallel over output pixels (each writes its own columns row).
+// col2im is parallel over (image, channel block) units: a unit scatters into the
+// input gradient of its image and its channels only, so the scatter-adds are
+// plain adds with no lost update. Each unit also writes its partial sums of the
+// offset and mask gradients (a sum over its channels) to a buffer of its own,
+// reduced afterwards in a fixed order. The blocks are narrower when a chunk has
+// fewer images than there are threads, so the offset and mask gradients depend
+// on the number of threads through the rounding of these sums only.
+#include <algorithm>
+#include <vector>
+
+#include "../sampling.h"
+#include "kernels.h"
+
+namespace deformops_native::cpu {
+namespace {
+
+// Channels of one col2im unit: up to 64, but enough units for every thread when
+// the chunk has few images, and no fewer than 16 channels (every unit computes
+// the corners of its samples again).
+int64_t block_channels(const ConvSizes& s, int64_t images) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t blocks_per_image = (threads + images - 1) / images;
+  const int64_t channels = (s.channels + blocks_per_image - 1) / blocks_per_image;
+  return std::clamp<int64_t>((channels + 7) / 8 * 8, 16, 64);
+}
+
+// A run of channels [begin, end) inside one offset group and one convolution group.
+struct ChannelBlock {
+  int64_t begin;
+  int64_t end;
+  int64_t offset_group;
+  int64_t group;
+};
+
+// The channels split at offset group and convolution group boundaries, and in
+// runs of at most `most` channels, in channel order.
+std::vector<ChannelBlock> channel_blocks(const ConvSizes& s, int64_t most) {
+  const int64_t per_group = s.channels / s.groups;
+  const int64_t per_offset_group = s.channels / s.offset_groups;
+  std::vector<ChannelBlock> blocks;
+  for (int64_t c = 0; c < s.channels;) {
+    const int64_t og = c / per_offset_group;
+    const int64_t g = c / per_group;
+    const int64_t end = std::min({c + most, (og + 1) * per_offset_group, (g + 1) * per_group});
+    blocks.push_back({c, end, og, g});
+    c = end;
+  }
+  return blocks;
+}
+
+// Output pixel p of a chunk: image n, output row ho, output column wo.
+struct Pixel {
+  int64_t n, ho, wo;
+
+  Pixel(const ConvSizes& s, const ConvChunk& chunk, int64_t p) {
+    const int64_t r = chunk.row_begin + p / s.out_width;
+    n = r / s.out_height;
+    ho = r % s.out_height;
+    wo = p % s.out_width;
+  }
+
+  // Flat index of channel `channel` of this pixel in an [N, channels, H_out,
+  // W_out] tensor (offset, mask and their gradients).
+  int64_t index(const ConvSizes& s, int64_t channels, int64_t channel) const {
+    return ((n * channels + channel) * s.out_height + ho) * s.out_width + wo;
+  }
+};
+
+// Kernel point k = i * kw + j of offset group og: the indices of its offset
+// (dy; dx is one channel further) and mask at a pixel.
+struct KernelPoint {
+  int64_t i, j, k, og;
+
+  int64_t offset_index(const ConvSizes& s, const Pixel& px) const {
+    const int64_t points = s.kernel_h * s.kernel_w;
+    return px.index(s, 2 * s.offset_groups * points, 2 * (og * points + k));
+  }
+
+  int64_t mask_index(const ConvSizes& s, const Pixel& px) const {
+    const int64_t points = s.kernel_h * s.kernel_w;
+    return px.index(s, s.offset_groups * points, og * points + k);
+  }
+};
+
+// The bilinear corners of the kernel point's sample at the pixel.
+template <typename T>
+[[gnu::always_inline]] inline deformops::Corners<T> sample_corners(const ConvSizes& s,
+                                                                   const Pixel& px,
+                                                                   const KernelPoint& kp,
+                                                                   const T* offset) {
+  const int64_t dy = kp.offset_index(s, px);
+  const int64_t dx = dy + s.out_height * s.out_width;
+  const T y = static_cast<T>(px.ho * s.stride_h - s.pad_h + kp.i * s.dilation_h) + offset[dy];
+  const T x = static_cast<T>(px.wo * s.stride_w - s.pad_w + kp.j * s.dilation_w) + offset[dx];
+  return deformops::bilinear_corners<T>(y, x, s.height, s.width);
+}
+
+// The kernel point's mask at the pixel (1 without mask).
+template <typename T>
+T modulation(const ConvSizes& s, const Pixel& px, const KernelPoint& kp, const T* mask) {
+  return mask == nullptr ? T(1) : mask[kp.mask_index(s, px)];
+}
+
+// Calls f(kernel_point) for each kernel point of offset group og.
+template <typename F>
+void for_each_kernel_point(const ConvSizes& s, int64_t og, F&& f) {
+  for (int64_t i = 0; i < s.kernel_h; ++i) {
+    for (int64_t j = 0; j < s.kernel_w; ++j) {
+      f(KernelPoint{i, j, i * s.kernel_w + j, og});
+    }
+  }
+}
+
+// The columns of kernel point k in a columns row (see ConvChunk), indexed by
+// the channels of block b.
+template <typename T>
+T* block_columns(const ConvSizes& s, const ChannelBlock& b, int64_t k, T* row) {
+  const int64_t per_group = s.channels / s.groups;
+  return row + (b.group * s.kernel_h * s.kernel_w + k) * per_group - b.group * per_group;
+}
+
+}  // namespace
+
+template <typename T>
+void deform_conv_im2col(const ConvSizes& s, const ConvChunk& chunk, const T* input,
+                        const T* offset, const T* mask, T* columns) {
+  const int64_t row = s.kernel_h * s.kernel_w * s.channels;
+  const int64_t pixels = (chunk.row_end - chunk.row_begin) * s.out_width;
+  if (s.height * s.width == 0) {  // an empty map: every sample is zero padding
+    std::fill_n(columns, pixels * row, T(0));
+    return;
+  }
+  const std::vector<ChannelBlock> blocks = channel_blocks(s, s.channels);
+  at::parallel_for(0, pixels, grain_for(row * 4), [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const Pixel px(s, chunk, p);
+      const T* image = input + px.n * s.height * s.width * s.channels;
+      for (const ChannelBlock& b : blocks) {
+        for_each_kernel_point(s, b.offset_group, [&](const KernelPoint& kp) {
+          const deformops::Corners<T> corners = sample_corners(s, px, kp, offset);
+          const T m = modulation(s, px, kp, mask);
+          T* out = block_columns(s, b, kp.k, columns + p * row);
+#pragma omp simd
+          for (int64_t c = b.begin; c < b.end; ++c) {
+            out[c] = m * deformops::bilinear_sample(image + c, s.channels, corners);
+          }
+        });
+      }
+    }
+  });
+}
+
+template <typename T>
+void deform_conv_col2im(const ConvSizes& s, const ConvChunk& chunk, const T* input,
+                        const T* offset, const T* mask, const T* grad_columns, T* grad_input,
+                        T* grad_offset, T* grad_mask) {
+  const int64_t points = s.kernel_h * s.kernel_w;
+  const int64_t row = points * s.channels;
+  const int64_t image_size = s.height * s.width * s.channels;
+  const int64_t pixels = (chunk.row_end - chunk.row_begin) * s.out_width;
+  const int64_t first_image = chunk.row_begin / s.out_height;
+  const int64_t images = (chunk.row_end - 1) / s.out_height - first_image + 1;
+  const std::vector<ChannelBlock> blocks = channel_blocks(s, block_channels(s, images));
+  const int64_t num_blocks = static_cast<int64_t>(blocks.size());
+  // partial[((block * pixels + p) * K + k) * 3 + {0, 1, 2}]: the block's sums of
+  // the y, x and mask gradients of kernel point k at pixel p.
+  std::vector<T> partial(num_blocks * pixels * points * 3);
+  const auto partial_at = [&](int64_t block, int64_t p, int64_t k) {
+    return partial.data() + ((block * pixels + p) * points + k) * 3;
+  };
+
+  // An empty map has no pixel to scatter to, and zero offset and mask gradients.
+  const int64_t units = s.height * s.width > 0 ? images * num_blocks : 0;
+  at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t n = first_image + unit / num_blocks;
+      const int64_t block = unit % num_blocks;
+      const ChannelBlock& b = blocks[block];
+      const T* image = input + n * image_size;
+      T* grad_image = grad_input + n * image_size;
+      // The chunk's output rows of image n, counted from the chunk's first row.
+      const int64_t rows_begin = std::max<int64_t>(0, n * s.out_height - chunk.row_begin);
+      const int64_t rows_end = std::min(chunk.row_end, (n + 1) * s.out_height) - chunk.row_begin;
+      for (int64_t p = rows_begin * s.out_width; p < rows_end * s.out_width; ++p) {
+        const Pixel px(s, chunk, p);
+        for_each_kernel_point(s, b.offset_group, [&](const KernelPoint& kp) {
+          const deformops::Corners<T> corners = sample_corners(s, px, kp, offset);
+          const T m = modulation(s, px, kp, mask);
+          const T* grad = block_columns(s, b, kp.k, grad_columns + p * row);
+          T grad_y = T(0);
+          T grad_x = T(0);
+          T grad_m = T(0);
+#pragma omp simd reduction(+ : grad_y, grad_x, grad_m)
+          for (int64_t c = b.begin; c < b.end; ++c) {
+            grad_m += grad[c] * deformops::bilinear_sample(image + c, s.channels, corners);
+            T dy = T(0);
+            T dx = T(0);
+            deformops::bilinear_sample_grad_location(image + c, s.channels, corners, dy, dx);
+            grad_y += grad[c] * dy;
+            grad_x += grad[c] * dx;
+          }
+          deformops::for_each_corner(corners, [&](int64_t corner, T weight) {
+            T* target = grad_image + corner * s.channels;
+            const T scale = m * weight;
+#pragma omp simd
+            for (int64_t c = b.begin; c < b.end; ++c) {
+              target[c] += scale * grad[c];
+            }
+          });
+          T* out = partial_at(block, p, kp.k);
+          out[0] = m * grad_y;
+          out[1] = m * grad_x;
+          out[2] = grad_m;
+        });
+      }
+    }
+  });
+
+  const int64_t grain = grain_for(num_blocks * points * 3);
+  at::parallel_for(0, pixels, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const Pixel px(s, chunk, p);
+      for (int64_t og = 0; og < s.offset_groups; ++og) {
+        for_each_kernel_point(s, og, [&](const KernelPoint& kp) {
+          T sum[3] = {T(0), T(0), T(0)};
+          for (int64_t block = 0; block < num_blocks; ++block) {
+            if (blocks[block].offset_group == og) {
+              const T* part = partial_at(block, p, kp.k);
+              for (int e = 0; e < 3; ++e) {
+                sum[e] += part[e];
+              }
+            }
+          }
+          const int64_t dy = kp.offset_index(s, px);
+          grad_offset[dy] = sum[0];
+          grad_offset[dy + s.out_height * s.out_width] = sum[1];
+          if (grad_mask != nullptr) {
+            grad_mask[kp.mask_index(s, px)] = sum[2];
+          }
+        });
+      }
+    }
+  });
+}
+
+#define DEFORMOPS_INSTANTIATE_CONV(T)                                                          \
+  template void deform_conv_im2col<T>(const ConvSizes&, const ConvChunk&, const T*, const T*, \
+                                      const T*, T*);                                          \
+  template void deform_conv_col2im<T>(const ConvSizes&, const ConvChunk&, const T*, const T*, \
+                                      const T*, const T*, T*, T*, T*);
+
+DEFORMOPS_INSTANTIATE_CONV(float)
+DEFORMOPS_INSTANTIATE_CONV(double)
+
+}  // namespace deformops_native::cpu

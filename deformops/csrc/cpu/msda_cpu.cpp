@@ -1,0 +1,127 @@
+// Multi-scale deformable attention on the CPU.
+//
+// The forward is parallel over (n, q) queries, each writing its own output row.
+// The backward is parallel over (n, m) pairs: the value gradient of pair (n, m)
+// is the slice grad_value[n, :, m, :], written by that pair only, so the
+// scatter-adds are plain adds with no lost update, and every sum runs in a fixed
+// order whatever the number of threads.
+#include <algorithm>
+
+#include "../sampling.h"
+#include "kernels.h"
+
+namespace deformops_native::cpu {
+namespace {
+
+// Calls f(i, corners, height, width) for the L*P samples of one (n, q, m), the
+// first of which is sample `first` of the flattened [N, Q, M, L, P] samples:
+// `corners` are those of the sample on its level of height x width pixels, with
+// offsets that are flat spatial indices of the value (corners outside it dropped).
+template <typename T, typename F>
+void for_each_sample(const MsdaSizes& s, const int64_t* spatial_shapes, const int64_t* level_start,
+                     const T* locations, int64_t first, F&& f) {
+  for (int64_t l = 0; l < s.levels; ++l) {
+    const int64_t height = spatial_shapes[2 * l];
+    const int64_t width = spatial_shapes[2 * l + 1];
+    for (int64_t p = 0; p < s.points; ++p) {
+      const int64_t i = first + l * s.points + p;
+      const T x = locations[2 * i] * static_cast<T>(width) - T(0.5);
+      const T y = locations[2 * i + 1] * static_cast<T>(height) - T(0.5);
+      deformops::Corners<T> corners = deformops::bilinear_corners<T>(y, x, height, width);
+      deformops::rebase_corners(corners, level_start[l], s.spatial);
+      f(i, corners, height, width);
+    }
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void msda_forward(const MsdaSizes& s, const T* value, const int64_t* spatial_shapes,
+                  const int64_t* level_start, const T* locations, const T* attention, T* output) {
+  const int64_t depth = s.channels;
+  const int64_t row = s.heads * depth;  // distance between spatial indices of the value
+  const int64_t samples = s.levels * s.points;
+  const int64_t grain = grain_for(s.heads * samples * depth * 8);
+  at::parallel_for(0, s.batch * s.queries, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t nq = begin; nq < end; ++nq) {
+      const T* value_n = value + (nq / s.queries) * s.spatial * row;
+      for (int64_t m = 0; m < s.heads; ++m) {
+        const T* value_m = value_n + m * depth;
+        T* sum = output + (nq * s.heads + m) * depth;
+        std::fill_n(sum, depth, T(0));
+        const auto accumulate = [&](int64_t i, const deformops::Corners<T>& corners, int64_t,
+                                    int64_t) {
+          const T a = attention[i];
+#pragma omp simd
+          for (int64_t d = 0; d < depth; ++d) {
+            sum[d] += a * deformops::bilinear_sample(value_m + d, row, corners);
+          }
+        };
+        for_each_sample(s, spatial_shapes, level_start, locations, (nq * s.heads + m) * samples,
+                        accumulate);
+      }
+    }
+  });
+}
+
+template <typename T>
+void msda_backward(const MsdaSizes& s, const T* grad_output, const T* value,
+                   const int64_t* spatial_shapes, const int64_t* level_start, const T* locations,
+                   const T* attention, T* grad_value, T* grad_locations, T* grad_attention) {
+  const int64_t depth = s.channels;
+  const int64_t row = s.heads * depth;
+  const int64_t samples = s.levels * s.points;
+  at::parallel_for(0, s.batch * s.heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t nm = begin; nm < end; ++nm) {
+      const int64_t n = nm / s.heads;
+      const int64_t m = nm % s.heads;
+      const T* value_m = value + n * s.spatial * row + m * depth;
+      T* grad_value_m = grad_value + n * s.spatial * row + m * depth;
+      for (int64_t q = 0; q < s.queries; ++q) {
+        const int64_t nqm = (n * s.queries + q) * s.heads + m;
+        const T* grad = grad_output + nqm * depth;
+        const auto sample_backward = [&](int64_t i, const deformops::Corners<T>& corners,
+                                         int64_t height, int64_t width) {
+          const T a = attention[i];
+          T grad_a = T(0);
+          T grad_y = T(0);
+          T grad_x = T(0);
+#pragma omp simd reduction(+ : grad_a, grad_y, grad_x)
+          for (int64_t d = 0; d < depth; ++d) {
+            grad_a += grad[d] * deformops::bilinear_sample(value_m + d, row, corners);
+            T dy = T(0);
+            T dx = T(0);
+            deformops::bilinear_sample_grad_location(value_m + d, row, corners, dy, dx);
+            grad_y += grad[d] * dy;
+            grad_x += grad[d] * dx;
+          }
+          deformops::for_each_corner(corners, [&](int64_t corner, T weight) {
+            T* target = grad_value_m + corner * row;
+            const T scale = a * weight;
+#pragma omp simd
+            for (int64_t d = 0; d < depth; ++d) {
+              target[d] += scale * grad[d];
+            }
+          });
+          grad_attention[i] = grad_a;
+          grad_locations[2 * i] = a * grad_x * static_cast<T>(width);
+          grad_locations[2 * i + 1] = a * grad_y * static_cast<T>(height);
+        };
+        for_each_sample(s, spatial_shapes, level_start, locations, nqm * samples,
+                        sample_backward);
+      }
+    }
+  });
+}
+
+#define DEFORMOPS_INSTANTIATE_MSDA(T)                                                       \
+  template void msda_forward<T>(const MsdaSizes&, const T*, const int64_t*, const int64_t*,    \
+                                const T*, const T*, T*);                                       \
+  template void msda_backward<T>(const MsdaSizes&, const T*, const T*, const int64_t*,         \
+                                 const int64_t*, const T*, const T*, T*, T*, T*);
+
+DEFORMOPS_INSTANTIATE_MSDA(float)
+DEFORMOPS_INSTANTIATE_MSDA(double)
+
+}  // namespace deformops_native::cpu
