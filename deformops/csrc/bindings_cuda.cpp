@@ -1,7 +1,9 @@
 // The CUDA library of deformops: CUDA kernels for the deformops_native operators,
 // whose schemas the CPU library (bindings.cpp, loaded first) defines. This file
 // handles tensors only (device guard, current stream, contiguity, allocation, dtype
-// mapping); the kernels and their launchers are torch-free (cuda/msda.h).
+// mapping; for the deformable convolution, the host side shared with the CPU,
+// deform_conv_host.h); the kernels and their launchers are torch-free
+// (cuda/msda.h, cuda/deform_conv.h).
 //
 // Environment: DEFORMOPS_MSDA_HALF_GRAD chooses how msda_backward accumulates the
 // value gradient of float16 / bfloat16 values (read at every call):
@@ -21,7 +23,9 @@
 #include <tuple>
 
 #include "bindings_common.h"
+#include "cuda/deform_conv.h"
 #include "cuda/msda.h"
+#include "deform_conv_host.h"
 
 namespace deformops_native {
 namespace {
@@ -163,11 +167,140 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> msda_backward_cuda(
   return {grad_value, grad_locations, grad_weights};
 }
 
+// ---------------------------------------------------------------------------
+// Deformable convolution
+
+// The CUDA element type of an ATen element type (same bits).
+template <typename V>
+struct CudaElement {
+  using type = V;
+};
+template <>
+struct CudaElement<at::Half> {
+  using type = __half;
+};
+template <>
+struct CudaElement<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+// The elements of `t` (of ATen type V) as E, or null when `t` is undefined.
+template <typename E, typename V>
+E* elements(const at::Tensor& t) {
+  return t.defined() ? reinterpret_cast<E*>(t.data_ptr<V>()) : nullptr;
+}
+
+struct CudaConvKernels {
+  using Sizes = gpu::ConvSizes;
+  using Chunk = gpu::ConvChunk;
+  // Columns of one chunk: 64 MiB, so that the peak memory of forward+backward
+  // stays under torchvision's (which holds the columns of up to 32 images).
+  static constexpr int64_t kColumnsBudgetBytes = int64_t(64) << 20;
+
+  // The kernels read and write the tensors' own element type.
+  template <typename V>
+  static at::ScalarType compute_type() {
+    return c10::CppTypeToScalarType<V>::value;
+  }
+
+  template <typename V>
+  static void im2col(const Sizes& s, const Chunk& chunk, const at::Tensor& input,
+                     const at::Tensor& offset, const at::Tensor& mask, const at::Tensor& columns) {
+    using E = typename CudaElement<V>::type;
+    check_launch(gpu::deform_conv_im2col<E>(s, chunk, elements<const E, V>(input),
+                                            elements<const E, V>(offset),
+                                            elements<const E, V>(mask), elements<E, V>(columns),
+                                            c10::cuda::getCurrentCUDAStream().stream()),
+                 "deform_conv2d");
+  }
+
+  template <typename V>
+  static void col2im(const Sizes& s, const Chunk& chunk, const at::Tensor& input,
+                     const at::Tensor& offset, const at::Tensor& mask,
+                     const at::Tensor& grad_columns, const at::Tensor& columns,
+                     const at::Tensor& grad_input, const at::Tensor& grad_offset,
+                     const at::Tensor& grad_mask) {
+    using E = typename CudaElement<V>::type;
+    const size_t bytes = gpu::deform_conv_col2im_workspace<E>(s, chunk);
+    const at::Tensor workspace =
+        at::empty({static_cast<int64_t>(bytes)}, input.options().dtype(at::kByte));
+    check_launch(
+        gpu::deform_conv_col2im<E>(
+            s, chunk, elements<const E, V>(input), elements<const E, V>(offset),
+            elements<const E, V>(mask), elements<const E, V>(grad_columns),
+            elements<E, V>(columns), grad_input.data_ptr<gpu::conv_grad_t<E>>(),
+            elements<E, V>(grad_offset), elements<E, V>(grad_mask), workspace.data_ptr(), bytes,
+            c10::cuda::getCurrentCUDAStream().stream()),
+        "deform_conv2d_backward");
+  }
+
+  // `t` in `dtype` and `format`. A conversion between contiguous and
+  // channels-last (ATen's permuted copy is slow) is one tiled transpose.
+  static at::Tensor to_layout(const at::Tensor& t, at::ScalarType dtype, at::MemoryFormat format) {
+    if (t.scalar_type() == dtype && t.is_contiguous(format)) {
+      return t;
+    }
+    const bool to_channels_last = format == at::MemoryFormat::ChannelsLast;
+    const bool transposable =
+        t.dim() == 4 && (to_channels_last ? t.is_contiguous()
+                                          : t.permute({0, 2, 3, 1}).is_contiguous()) &&
+        (t.scalar_type() == dtype || t.scalar_type() == at::kFloat);
+    if (!transposable) {
+      return as_layout(t, dtype, format);
+    }
+    at::Tensor out = at::empty(t.sizes(), t.options().dtype(dtype).memory_format(format));
+    const int64_t channels = t.size(1);
+    const int64_t pixels = t.size(2) * t.size(3);
+    // [N][C][H*W] -> [N][H*W][C], or back.
+    const int64_t rows = to_channels_last ? channels : pixels;
+    const int64_t cols = to_channels_last ? pixels : channels;
+    dispatch_floating(dtype, "output", [&](auto out_tag) {
+      using D = typename decltype(out_tag)::type;
+      const auto transpose = [&](auto in_tag) {
+        using S = typename decltype(in_tag)::type;
+        check_launch(gpu::deform_conv_transpose(
+                         elements<const typename CudaElement<S>::type, S>(t),
+                         elements<typename CudaElement<D>::type, D>(out), t.size(0), rows, cols,
+                         c10::cuda::getCurrentCUDAStream().stream()),
+                     "deform_conv2d");
+      };
+      if (t.scalar_type() == dtype) {
+        transpose(TypeTag<D>{});
+      } else {
+        transpose(TypeTag<float>{});
+      }
+    });
+    return out;
+  }
+};
+
+at::Tensor deform_conv2d_forward_cuda(const at::Tensor& input, const at::Tensor& offset,
+                                      const at::Tensor& weight,
+                                      const std::optional<at::Tensor>& mask,
+                                      const std::optional<at::Tensor>& bias, int64_t stride_h,
+                                      int64_t stride_w, int64_t pad_h, int64_t pad_w,
+                                      int64_t dilation_h, int64_t dilation_w) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  return conv_host::forward<CudaConvKernels>(input, offset, weight, mask, bias, stride_h,
+                                             stride_w, pad_h, pad_w, dilation_h, dilation_w);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv2d_backward_cuda(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& offset,
+    const at::Tensor& weight, const std::optional<at::Tensor>& mask, int64_t stride_h,
+    int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dilation_h, int64_t dilation_w) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  return conv_host::backward<CudaConvKernels>(grad_output, input, offset, weight, mask, stride_h,
+                                              stride_w, pad_h, pad_w, dilation_h, dilation_w);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(deformops_native, CUDA, m) {
   m.impl("msda_forward", &msda_forward_cuda);
   m.impl("msda_backward", &msda_backward_cuda);
+  m.impl("deform_conv2d_forward", &deform_conv2d_forward_cuda);
+  m.impl("deform_conv2d_backward", &deform_conv2d_backward_cuda);
 }
 
 }  // namespace deformops_native

@@ -1,0 +1,90 @@
+// CUDA kernels of the deformable convolution's sampling half: the launchers.
+// Torch-free: raw device pointers, sizes and a stream; each launcher returns the
+// launch's error code (cudaSuccess when the kernel was queued).
+//
+// The weight contraction (GEMMs on the columns) runs on the host side, through
+// cuBLAS; see deform_conv.cu for the layouts and the work decomposition.
+//
+// Element types V: __half, __nv_bfloat16, float, double; they are computed in
+// float (double for double), the type of the input gradient's accumulator.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+
+namespace deformops::gpu {
+
+// The element type of the input gradient's accumulator for elements of type V.
+template <typename V>
+using conv_grad_t = std::conditional_t<std::is_same_v<V, double>, double, float>;
+
+// Sizes of a deformable convolution: input [N, C, H, W] (read channels-last,
+// [N, H, W, C]), offset [N, 2*G*K, H_out, W_out], mask [N, G*K, H_out, W_out],
+// K = kernel_h * kernel_w kernel points, `groups` convolution groups and
+// G = `offset_groups`.
+struct ConvSizes {
+  int64_t batch, channels, height, width;
+  int64_t out_height, out_width;
+  int64_t kernel_h, kernel_w;
+  int64_t stride_h, stride_w;
+  int64_t pad_h, pad_w;
+  int64_t dilation_h, dilation_w;
+  int64_t groups;
+  int64_t offset_groups;
+};
+
+// A chunk of the convolution: the output rows [row_begin, row_end) of the
+// flattened (n, h_out) rows, that is P = (row_end - row_begin) * W_out output
+// pixels p = (row - row_begin) * W_out + w_out.
+//
+// Columns layout: [P, groups, K, C/groups] (row p holds K*C elements), so that
+// the columns of group g are the [P, K*C/groups] matrix at column offset
+// g*K*C/groups, to be contracted with the group's weight laid out
+// [C_out/groups, K, C/groups].
+struct ConvChunk {
+  int64_t row_begin;
+  int64_t row_end;
+};
+
+// Largest chunk the kernels index: P * K * C (and P * C) below 2^31, so that
+// positions inside a chunk are 32-bit (addresses in the tensors stay 64-bit).
+constexpr int64_t kMaxChunkElements = (int64_t(1) << 31) - 1;
+
+// Fills `columns` (see ConvChunk) with the bilinear samples of the
+// channels-last `input` [N, H, W, C], times the mask when `mask` is not null.
+template <typename V>
+cudaError_t deform_conv_im2col(const ConvSizes& s, const ConvChunk& chunk, const V* input,
+                               const V* offset, const V* mask, V* columns, cudaStream_t stream);
+
+// Bytes of the workspace of deform_conv_col2im for the chunk (the samples filed
+// by bilinear cell, a few ints and floats per sample and per cell).
+template <typename V>
+size_t deform_conv_col2im_workspace(const ConvSizes& s, const ConvChunk& chunk);
+
+// The backward of deform_conv_im2col given `grad_columns` (columns layout):
+// adds the input gradient into the channels-last `grad_input` [N, H, W, C]
+// (zero-initialised by the caller; a gather, no atomics) and writes the chunk's
+// pixels of `grad_offset` and, when `mask` is not null, `grad_mask` (layouts of
+// offset and mask). It also writes `columns` as deform_conv_im2col does (from
+// the same corner loads). `workspace` (16-byte aligned) holds at least
+// deform_conv_col2im_workspace(s, chunk) bytes.
+template <typename V>
+cudaError_t deform_conv_col2im(const ConvSizes& s, const ConvChunk& chunk, const V* input,
+                               const V* offset, const V* mask, const V* grad_columns,
+                               V* columns, conv_grad_t<V>* grad_input, V* grad_offset,
+                               V* grad_mask, void* workspace, size_t workspace_bytes,
+                               cudaStream_t stream);
+
+// dst[b][c][r] = src[b][r][c] for b < batch, r < rows, c < cols, converted to D
+// (S = D, or S = float): the NCHW <-> channels-last conversions of
+// the convolution's tensors.
+template <typename S, typename D>
+cudaError_t deform_conv_transpose(const S* src, D* dst, int64_t batch, int64_t rows, int64_t cols,
+                                  cudaStream_t stream);
+
+}  // namespace deformops::gpu
