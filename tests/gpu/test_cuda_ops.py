@@ -159,3 +159,21 @@ def test_msda_past_2_31_elements():
     )
     assert _relative_error(out, expected) <= 5e-3
     assert out.abs().sum() > 0
+
+
+@pytest.mark.slow
+def test_conv_past_2_31_column_elements():
+    """C*kh*kw*H_out*W_out = 2.16e9 sampled column elements for one image: with integer
+    offsets (every kernel point one row down) the result equals a dense convolution with
+    the padding moved below the map, everywhere in the map."""
+    c, size = 64, 1936  # 64 * 9 * 1936^2 = 2.16e9
+    x = torch.randn(1, c, size, size, device="cuda", dtype=torch.float16)
+    weight = torch.randn(8, c, 3, 3, device="cuda", dtype=torch.float16) / 24
+    offset = torch.zeros(1, 18, size, size, device="cuda", dtype=torch.float16)
+    offset[:, 0::2] = 1.0  # dy = +1 for every kernel point
+    out = deformops.deform_conv2d(x, offset, weight, padding=1)
+    # Kernel row i of output row ho reads input row ho + i: no padding on top, two below.
+    padded = torch.nn.functional.pad(x.float(), (1, 1, 0, 2))
+    expected = torch.nn.functional.conv2d(padded, weight.float())
+    assert _relative_error(out, expected) <= 5e-3
+    assert _relative_error(out[..., -8:, -8:], expected[..., -8:, -8:]) <= 5e-3
