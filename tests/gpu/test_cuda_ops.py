@@ -41,8 +41,9 @@ def _native_backend():
     deformops.set_backend(None)
 
 
-def test_msda_has_native_cuda_kernel():
-    assert deformops.backend("cuda", "multi_scale_deformable_attention") == "native"
+@pytest.mark.parametrize("op", ["multi_scale_deformable_attention", "deform_conv2d"])
+def test_native_cuda_kernels_are_used(op):
+    assert deformops.backend("cuda", op) == "native"
 
 
 @pytest.mark.parametrize("case", MSDA_CASES, ids=lambda c: f"D{c[3]}-L{len(c[0])}-P{c[4]}")
