@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from . import ops
+from . import _autocast, ops
 
 __all__ = ["deform_conv2d", "multi_scale_deformable_attention"]
 
@@ -116,6 +116,7 @@ def deform_conv2d(
     >>> deformops.deform_conv2d(x, offset, weight, padding=1).shape
     torch.Size([2, 4, 16, 16])
     """
+    input, offset, weight, mask, bias = _autocast.conv_arguments(input, offset, weight, mask, bias)
     _check_floating("input", input, 4, "[N, C_in, H, W]")
     _check_floating("weight", weight, 4, "[C_out, C_in/groups, kh, kw]")
     _check_floating("offset", offset, 4, "[N, 2*G*kh*kw, H_out, W_out]")
@@ -292,6 +293,9 @@ def multi_scale_deformable_attention(
     >>> deformops.multi_scale_deformable_attention(value, shapes, starts, loc, attn).shape
     torch.Size([2, 10, 64])
     """
+    value, sampling_locations, attention_weights = _autocast.msda_arguments(
+        value, sampling_locations, attention_weights
+    )
     _check_floating("value", value, 4, "[N, S, M, D]")
     _check_index("spatial_shapes", spatial_shapes, 2, "[L, 2]")
     _check_index("level_start_index", level_start_index, 1, "[L]")

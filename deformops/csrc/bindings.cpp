@@ -156,12 +156,28 @@ struct CpuConvKernels {
     return scalar_type_of<acc_t<V>>();
   }
 
+  // The elements and strides of an offset- or mask-like tensor, to read.
+  template <typename T>
+  static cpu::Plane<const T> input_plane(const at::Tensor& t) {
+    return plane_of<cpu::Plane<const T>>(t, [](const at::Tensor& u) {
+      return u.const_data_ptr<T>();
+    });
+  }
+
+  // The elements and strides of an offset- or mask-like tensor, to write.
+  template <typename T>
+  static cpu::Plane<T> output_plane(const at::Tensor& t) {
+    return plane_of<cpu::Plane<T>>(t, [](const at::Tensor& u) {
+      return u.mutable_data_ptr<T>();
+    });
+  }
+
   template <typename V>
   static void im2col(const Sizes& s, const Chunk& chunk, const at::Tensor& input,
                      const at::Tensor& offset, const at::Tensor& mask, const at::Tensor& columns) {
     using T = acc_t<V>;
-    cpu::deform_conv_im2col<T>(s, chunk, input.const_data_ptr<T>(), offset.const_data_ptr<T>(),
-                               const_data_or_null<T>(mask), columns.mutable_data_ptr<T>());
+    cpu::deform_conv_im2col<T>(s, chunk, input.const_data_ptr<T>(), input_plane<T>(offset),
+                               input_plane<T>(mask), columns.mutable_data_ptr<T>());
   }
 
   template <typename V>
@@ -172,10 +188,11 @@ struct CpuConvKernels {
                      const at::Tensor& grad_mask) {
     using T = acc_t<V>;
     im2col<V>(s, chunk, input, offset, mask, columns);
-    cpu::deform_conv_col2im<T>(s, chunk, input.const_data_ptr<T>(), offset.const_data_ptr<T>(),
-                               const_data_or_null<T>(mask), grad_columns.const_data_ptr<T>(),
-                               grad_input.mutable_data_ptr<T>(), grad_offset.mutable_data_ptr<T>(),
-                               grad_mask.defined() ? grad_mask.mutable_data_ptr<T>() : nullptr);
+    cpu::deform_conv_col2im<T>(s, chunk, input.const_data_ptr<T>(), input_plane<T>(offset),
+                               input_plane<T>(mask), grad_columns.const_data_ptr<T>(),
+                               grad_input.mutable_data_ptr<T>(), output_plane<T>(grad_offset),
+                               output_plane<T>(grad_mask),
+                               at::globalContext().deterministicAlgorithms());
   }
 
   static at::Tensor to_layout(const at::Tensor& t, at::ScalarType dtype, at::MemoryFormat format) {

@@ -86,16 +86,26 @@ inline at::Tensor as_layout(const at::Tensor& t, at::ScalarType dtype,
                                   : t.to(dtype, /*non_blocking=*/false, /*copy=*/false, format);
 }
 
-// as_layout of `t`, or an undefined tensor when `t` is absent or undefined.
-inline at::Tensor as_layout_or_undefined(const std::optional<at::Tensor>& t,
-                                         at::ScalarType dtype) {
-  return t.has_value() && t->defined() ? as_layout(*t, dtype) : at::Tensor();
+// `t` in `dtype`, in its own layout (strides) when it is dense, else dense in
+// the layout it suggests (PyTorch's preserve_format): `t` itself when it has
+// that dtype. For tensors the kernels read and write through their strides.
+inline at::Tensor in_dtype(const at::Tensor& t, at::ScalarType dtype) { return t.to(dtype); }
+
+// in_dtype of `t`, or an undefined tensor when `t` is absent or undefined.
+inline at::Tensor in_dtype_or_undefined(const std::optional<at::Tensor>& t,
+                                        at::ScalarType dtype) {
+  return t.has_value() && t->defined() ? in_dtype(*t, dtype) : at::Tensor();
 }
 
-// The elements of `t` as const T*, or null when `t` is undefined.
-template <typename T>
-const T* const_data_or_null(const at::Tensor& t) {
-  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+// The data and the strides of a 4-d tensor as a device's Plane<T> (cpu/kernels.h,
+// cuda/deform_conv.h), with `data(t)` its elements as T*; an undefined tensor
+// gives a null Plane.
+template <typename Plane, typename Data>
+Plane plane_of(const at::Tensor& t, Data data) {
+  if (!t.defined()) {
+    return Plane{nullptr, 0, 0, 0, 0};
+  }
+  return Plane{data(t), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
 }
 
 }  // namespace deformops_native

@@ -13,7 +13,13 @@
 //   "direct" - atomics straight into the half-precision gradient (no extra memory;
 //              each add rounds, so the error grows with the samples per element);
 //   unset or "auto" - the default: "fp32" for bfloat16 and "direct" for float16.
+// Under torch.use_deterministic_algorithms(True) both backward passes take their
+// deterministic paths (the same gradients, bit for bit, at every run): msda_backward
+// gathers the value gradient in a fixed order instead of scattering it with atomics
+// (the setting above then does not apply: one rounding per element), and
+// deform_conv2d_backward sums the input gradient in sample order.
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -46,6 +52,15 @@ gpu::Dtype launcher_dtype(const at::Tensor& t, const char* what) {
       TORCH_CHECK(false, "deformops: ", what, " must be float16, bfloat16, float32 or float64, got ",
                   t.scalar_type());
   }
+}
+
+// `bytes` of scratch memory on the current device from PyTorch's caching
+// allocator, given back (in the order of the current stream) when the pointer
+// goes out of scope. Unlike at::empty, it is not filled under
+// torch.use_deterministic_algorithms(True) (fill_uninitialized_memory): the
+// kernels write scratch before they read it.
+c10::DataPtr scratch(size_t bytes) {
+  return c10::cuda::CUDACachingAllocator::get()->allocate(bytes);
 }
 
 void check_launch(cudaError_t status, const char* what) {
@@ -153,14 +168,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> msda_backward_cuda(
   at::Tensor grad_value = at::empty_like(t.value);
   at::Tensor grad_locations = at::empty_like(t.sampling_locations);
   at::Tensor grad_weights = at::empty_like(t.attention_weights);
+  const bool deterministic = at::globalContext().deterministicAlgorithms();
   const bool half = value.scalar_type() == at::kHalf || value.scalar_type() == at::kBFloat16;
   at::Tensor workspace;
-  if (half && half_grad_in_float32(value.scalar_type())) {
+  if (!deterministic && half && half_grad_in_float32(value.scalar_type())) {
     workspace = at::empty({gpu::msda_workspace_elements(s)}, value.options().dtype(at::kFloat));
   }
-  const gpu::MsdaGrads grads{grad_value.mutable_data_ptr(), grad_locations.mutable_data_ptr(),
+  const size_t gather_bytes =
+      deterministic ? gpu::msda_gather_workspace_bytes(s, t.inputs.value_dtype) : 0;
+  TORCH_CHECK(!deterministic || gather_bytes > 0 || s.batch == 0,
+              "deformops: the deterministic backward of multi_scale_deformable_attention needs "
+              "fewer than 2^31 samples (Q*M*L*P) and cells (M*2*(S+L)) per image, got Q = ",
+              s.queries, ", M = ", s.heads, ", L = ", s.levels, ", P = ", s.points, ", S = ",
+              s.spatial);
+  const c10::DataPtr gather_workspace = scratch(gather_bytes);
+  const gpu::MsdaGrads grads{grad_value.mutable_data_ptr(),
+                             grad_locations.mutable_data_ptr(),
                              grad_weights.mutable_data_ptr(),
-                             workspace.defined() ? workspace.mutable_data_ptr<float>() : nullptr};
+                             workspace.defined() ? workspace.mutable_data_ptr<float>() : nullptr,
+                             deterministic,
+                             gather_workspace.get(),
+                             gather_bytes};
   check_launch(gpu::msda_backward(t.inputs, grad_out.const_data_ptr(), grads,
                                   c10::cuda::getCurrentCUDAStream().stream()),
                "msda_backward");
@@ -203,13 +231,19 @@ struct CudaConvKernels {
     return c10::CppTypeToScalarType<V>::value;
   }
 
+  // The elements (of ATen type V, as E) and strides of an offset- or mask-like tensor.
+  template <typename E, typename V>
+  static gpu::Plane<E> plane(const at::Tensor& t) {
+    return plane_of<gpu::Plane<E>>(t, [](const at::Tensor& u) { return elements<E, V>(u); });
+  }
+
   template <typename V>
   static void im2col(const Sizes& s, const Chunk& chunk, const at::Tensor& input,
                      const at::Tensor& offset, const at::Tensor& mask, const at::Tensor& columns) {
     using E = typename CudaElement<V>::type;
     check_launch(gpu::deform_conv_im2col<E>(s, chunk, elements<const E, V>(input),
-                                            elements<const E, V>(offset),
-                                            elements<const E, V>(mask), elements<E, V>(columns),
+                                            plane<const E, V>(offset), plane<const E, V>(mask),
+                                            elements<E, V>(columns),
                                             c10::cuda::getCurrentCUDAStream().stream()),
                  "deform_conv2d");
   }
@@ -221,15 +255,15 @@ struct CudaConvKernels {
                      const at::Tensor& grad_input, const at::Tensor& grad_offset,
                      const at::Tensor& grad_mask) {
     using E = typename CudaElement<V>::type;
-    const size_t bytes = gpu::deform_conv_col2im_workspace<E>(s, chunk);
-    const at::Tensor workspace =
-        at::empty({static_cast<int64_t>(bytes)}, input.options().dtype(at::kByte));
+    const bool deterministic = at::globalContext().deterministicAlgorithms();
+    const size_t bytes = gpu::deform_conv_col2im_workspace<E>(s, chunk, deterministic);
+    const c10::DataPtr workspace = scratch(bytes);
     check_launch(
         gpu::deform_conv_col2im<E>(
-            s, chunk, elements<const E, V>(input), elements<const E, V>(offset),
-            elements<const E, V>(mask), elements<const E, V>(grad_columns),
-            elements<E, V>(columns), grad_input.data_ptr<gpu::conv_grad_t<E>>(),
-            elements<E, V>(grad_offset), elements<E, V>(grad_mask), workspace.data_ptr(), bytes,
+            s, chunk, elements<const E, V>(input), plane<const E, V>(offset),
+            plane<const E, V>(mask), elements<const E, V>(grad_columns), elements<E, V>(columns),
+            grad_input.data_ptr<gpu::conv_grad_t<E>>(), plane<E, V>(grad_offset),
+            plane<E, V>(grad_mask), workspace.get(), bytes, deterministic,
             c10::cuda::getCurrentCUDAStream().stream()),
         "deform_conv2d_backward");
   }

@@ -18,7 +18,10 @@
 // offset, mask, columns [P, K*C], grad_offset and grad_mask in compute_type<V>()
 // (V itself on CUDA; float for the half types on the CPU), grad_input
 // [N, H, W, C] in acc_t<V>; mask and grad_mask undefined without a mask; col2im
-// also writes the columns.
+// also writes the columns. The kernels read offset and mask, and write their
+// gradients, through their strides (any layout: a channels-last model's offsets,
+// a channel slice of the offset predictor's output), so none is copied for
+// its layout; their gradients come back dense in the offset's and mask's layout.
 //
 // Output and output gradient are handled as channels-last pixel rows
 // [N * H_out * W_out, C_out], so that each chunk takes one GEMM per group (a
@@ -202,8 +205,8 @@ at::Tensor forward(const at::Tensor& input, const at::Tensor& offset, const at::
       return;
     }
     const at::Tensor in = Kernels::to_layout(input, compute, at::MemoryFormat::ChannelsLast);
-    const at::Tensor off = as_layout(offset, compute);
-    const at::Tensor msk = as_layout_or_undefined(mask, compute);
+    const at::Tensor off = in_dtype(offset, compute);
+    const at::Tensor msk = in_dtype_or_undefined(mask, compute);
     const at::Tensor w = weight_matrix(weight, compute);
     const at::Tensor b = has_bias ? bias->to(compute) : at::Tensor();
     const at::Tensor buffer = at::empty({chunk_pixels(s, chunks.front()), w.size(1) * s.groups},
@@ -251,8 +254,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     using V = typename decltype(tag)::type;
     const at::ScalarType compute = Kernels::template compute_type<V>();
     const at::Tensor in = Kernels::to_layout(input, compute, at::MemoryFormat::ChannelsLast);
-    const at::Tensor off = as_layout(offset, compute);
-    const at::Tensor msk = as_layout_or_undefined(mask, compute);
+    const at::Tensor off = in_dtype(offset, compute);
+    const at::Tensor msk = in_dtype_or_undefined(mask, compute);
     const at::Tensor grad_off = at::zeros_like(off);
     const at::Tensor grad_msk = msk.defined() ? at::zeros_like(msk) : at::Tensor();
     const at::TensorOptions acc = in.options().dtype(c10::CppTypeToScalarType<acc_t<V>>::value);
@@ -288,12 +291,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     }
     grad_input = Kernels::to_layout(grad_in.permute({0, 3, 1, 2}), input.scalar_type(),
                                     output_memory_format(input));
-    grad_weight = as_layout(
+    // [C_out, kh, kw, C/groups] is the channels-last layout of the weight.
+    grad_weight = Kernels::to_layout(
         grad_w.view({c_out, s.kernel_h, s.kernel_w, weight.size(1)}).permute({0, 3, 1, 2}),
-        input.scalar_type());
-    grad_offset = as_layout(grad_off, input.scalar_type());
+        input.scalar_type(), output_memory_format(weight));
+    grad_offset = in_dtype(grad_off, input.scalar_type());
     if (grad_msk.defined()) {
-      grad_mask = as_layout(grad_msk, input.scalar_type());
+      grad_mask = in_dtype(grad_msk, input.scalar_type());
     }
   });
   return {grad_input, grad_offset, grad_weight, grad_mask};

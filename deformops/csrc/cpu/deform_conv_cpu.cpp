@@ -12,7 +12,8 @@
 // offset and mask gradients (a sum over its channels) to a buffer of its own,
 // reduced afterwards in a fixed order. The blocks are narrower when a chunk has
 // fewer images than there are threads, so the offset and mask gradients depend
-// on the number of threads through the rounding of these sums only.
+// on the number of threads through the rounding of these sums only; in
+// deterministic mode the blocks are those of one thread, whatever the number.
 #include <algorithm>
 #include <vector>
 
@@ -22,11 +23,10 @@
 namespace deformops_native::cpu {
 namespace {
 
-// Channels of one col2im unit: up to 64, but enough units for every thread when
-// the chunk has few images, and no fewer than 16 channels (every unit computes
-// the corners of its samples again).
-int64_t block_channels(const ConvSizes& s, int64_t images) {
-  const int64_t threads = at::get_num_threads();
+// Channels of one col2im unit: up to 64, but enough units for `threads` threads
+// when the chunk has few images, and no fewer than 16 channels (every unit
+// computes the corners of its samples again).
+int64_t block_channels(const ConvSizes& s, int64_t images, int64_t threads) {
   const int64_t blocks_per_image = (threads + images - 1) / images;
   const int64_t channels = (s.channels + blocks_per_image - 1) / blocks_per_image;
   return std::clamp<int64_t>((channels + 7) / 8 * 8, 16, 64);
@@ -67,27 +67,23 @@ struct Pixel {
     wo = p % s.out_width;
   }
 
-  // Flat index of channel `channel` of this pixel in an [N, channels, H_out,
-  // W_out] tensor (offset, mask and their gradients).
-  int64_t index(const ConvSizes& s, int64_t channels, int64_t channel) const {
-    return ((n * channels + channel) * s.out_height + ho) * s.out_width + wo;
+  // Channel `channel` of this pixel in an offset- or mask-like tensor.
+  template <typename T>
+  T& at(const Plane<T>& plane, int64_t channel) const {
+    return plane.at(n, channel, ho, wo);
   }
 };
 
-// Kernel point k = i * kw + j of offset group og: the indices of its offset
-// (dy; dx is one channel further) and mask at a pixel.
+// Kernel point k = i * kw + j of offset group og: the channels of its offset
+// (dy; dx is the next channel) and of its mask.
 struct KernelPoint {
   int64_t i, j, k, og;
 
-  int64_t offset_index(const ConvSizes& s, const Pixel& px) const {
-    const int64_t points = s.kernel_h * s.kernel_w;
-    return px.index(s, 2 * s.offset_groups * points, 2 * (og * points + k));
+  int64_t offset_channel(const ConvSizes& s) const {
+    return 2 * (og * s.kernel_h * s.kernel_w + k);
   }
 
-  int64_t mask_index(const ConvSizes& s, const Pixel& px) const {
-    const int64_t points = s.kernel_h * s.kernel_w;
-    return px.index(s, s.offset_groups * points, og * points + k);
-  }
+  int64_t mask_channel(const ConvSizes& s) const { return og * s.kernel_h * s.kernel_w + k; }
 };
 
 // The bilinear corners of the kernel point's sample at the pixel.
@@ -95,18 +91,20 @@ template <typename T>
 [[gnu::always_inline]] inline deformops::Corners<T> sample_corners(const ConvSizes& s,
                                                                    const Pixel& px,
                                                                    const KernelPoint& kp,
-                                                                   const T* offset) {
-  const int64_t dy = kp.offset_index(s, px);
-  const int64_t dx = dy + s.out_height * s.out_width;
-  const T y = static_cast<T>(px.ho * s.stride_h - s.pad_h + kp.i * s.dilation_h) + offset[dy];
-  const T x = static_cast<T>(px.wo * s.stride_w - s.pad_w + kp.j * s.dilation_w) + offset[dx];
+                                                                   const Plane<const T>& offset) {
+  const int64_t c = kp.offset_channel(s);
+  const T y =
+      static_cast<T>(px.ho * s.stride_h - s.pad_h + kp.i * s.dilation_h) + px.at(offset, c);
+  const T x =
+      static_cast<T>(px.wo * s.stride_w - s.pad_w + kp.j * s.dilation_w) + px.at(offset, c + 1);
   return deformops::bilinear_corners<T>(y, x, s.height, s.width);
 }
 
 // The kernel point's mask at the pixel (1 without mask).
 template <typename T>
-T modulation(const ConvSizes& s, const Pixel& px, const KernelPoint& kp, const T* mask) {
-  return mask == nullptr ? T(1) : mask[kp.mask_index(s, px)];
+T modulation(const ConvSizes& s, const Pixel& px, const KernelPoint& kp,
+             const Plane<const T>& mask) {
+  return mask.data == nullptr ? T(1) : px.at(mask, kp.mask_channel(s));
 }
 
 // Calls f(kernel_point) for each kernel point of offset group og.
@@ -131,7 +129,7 @@ T* block_columns(const ConvSizes& s, const ChannelBlock& b, int64_t k, T* row) {
 
 template <typename T>
 void deform_conv_im2col(const ConvSizes& s, const ConvChunk& chunk, const T* input,
-                        const T* offset, const T* mask, T* columns) {
+                        const Plane<const T>& offset, const Plane<const T>& mask, T* columns) {
   const int64_t row = s.kernel_h * s.kernel_w * s.channels;
   const int64_t pixels = (chunk.row_end - chunk.row_begin) * s.out_width;
   if (s.height * s.width == 0) {  // an empty map: every sample is zero padding
@@ -160,15 +158,17 @@ void deform_conv_im2col(const ConvSizes& s, const ConvChunk& chunk, const T* inp
 
 template <typename T>
 void deform_conv_col2im(const ConvSizes& s, const ConvChunk& chunk, const T* input,
-                        const T* offset, const T* mask, const T* grad_columns, T* grad_input,
-                        T* grad_offset, T* grad_mask) {
+                        const Plane<const T>& offset, const Plane<const T>& mask,
+                        const T* grad_columns, T* grad_input, const Plane<T>& grad_offset,
+                        const Plane<T>& grad_mask, bool deterministic) {
   const int64_t points = s.kernel_h * s.kernel_w;
   const int64_t row = points * s.channels;
   const int64_t image_size = s.height * s.width * s.channels;
   const int64_t pixels = (chunk.row_end - chunk.row_begin) * s.out_width;
   const int64_t first_image = chunk.row_begin / s.out_height;
   const int64_t images = (chunk.row_end - 1) / s.out_height - first_image + 1;
-  const std::vector<ChannelBlock> blocks = channel_blocks(s, block_channels(s, images));
+  const int64_t threads = deterministic ? 1 : at::get_num_threads();
+  const std::vector<ChannelBlock> blocks = channel_blocks(s, block_channels(s, images, threads));
   const int64_t num_blocks = static_cast<int64_t>(blocks.size());
   // partial[((block * pixels + p) * K + k) * 3 + {0, 1, 2}]: the block's sums of
   // the y, x and mask gradients of kernel point k at pixel p.
@@ -239,11 +239,11 @@ void deform_conv_col2im(const ConvSizes& s, const ConvChunk& chunk, const T* inp
               }
             }
           }
-          const int64_t dy = kp.offset_index(s, px);
-          grad_offset[dy] = sum[0];
-          grad_offset[dy + s.out_height * s.out_width] = sum[1];
-          if (grad_mask != nullptr) {
-            grad_mask[kp.mask_index(s, px)] = sum[2];
+          const int64_t c = kp.offset_channel(s);
+          px.at(grad_offset, c) = sum[0];
+          px.at(grad_offset, c + 1) = sum[1];
+          if (grad_mask.data != nullptr) {
+            px.at(grad_mask, kp.mask_channel(s)) = sum[2];
           }
         });
       }
@@ -251,11 +251,12 @@ void deform_conv_col2im(const ConvSizes& s, const ConvChunk& chunk, const T* inp
   });
 }
 
-#define DEFORMOPS_INSTANTIATE_CONV(T)                                                          \
-  template void deform_conv_im2col<T>(const ConvSizes&, const ConvChunk&, const T*, const T*, \
-                                      const T*, T*);                                          \
-  template void deform_conv_col2im<T>(const ConvSizes&, const ConvChunk&, const T*, const T*, \
-                                      const T*, const T*, T*, T*, T*);
+#define DEFORMOPS_INSTANTIATE_CONV(T)                                                         \
+  template void deform_conv_im2col<T>(const ConvSizes&, const ConvChunk&, const T*,          \
+                                      const Plane<const T>&, const Plane<const T>&, T*);     \
+  template void deform_conv_col2im<T>(const ConvSizes&, const ConvChunk&, const T*,          \
+                                      const Plane<const T>&, const Plane<const T>&, const T*, \
+                                      T*, const Plane<T>&, const Plane<T>&, bool);
 
 DEFORMOPS_INSTANTIATE_CONV(float)
 DEFORMOPS_INSTANTIATE_CONV(double)

@@ -68,6 +68,20 @@ struct ConvSizes {
   int64_t offset_groups;
 };
 
+// A strided [N, channels, H_out, W_out] tensor of the convolution (offset, mask
+// and their gradients), in any layout: contiguous, channels-last, or a channel
+// slice of a larger tensor, read and written in place. T is const for inputs.
+template <typename T>
+struct Plane {
+  T* data;  // null for an absent mask
+  int64_t stride_n, stride_c, stride_h, stride_w;
+
+  // Element (n, c, h, w).
+  T& at(int64_t n, int64_t c, int64_t h, int64_t w) const {
+    return data[n * stride_n + c * stride_c + h * stride_h + w * stride_w];
+  }
+};
+
 // A chunk of the convolution: the output rows [row_begin, row_end) of the
 // flattened (n, h_out) rows, that is P = (row_end - row_begin) * W_out output
 // pixels p = (row - row_begin) * W_out + w_out.
@@ -81,18 +95,22 @@ struct ConvChunk {
 };
 
 // Fills `columns` (see ConvChunk) with the bilinear samples of the channels-last
-// `input` [N, H, W, C], times the mask when `mask` is not null.
+// `input` [N, H, W, C], times the mask when `mask.data` is not null.
 template <typename T>
 void deform_conv_im2col(const ConvSizes& s, const ConvChunk& chunk, const T* input,
-                        const T* offset, const T* mask, T* columns);
+                        const Plane<const T>& offset, const Plane<const T>& mask, T* columns);
 
 // The backward of deform_conv_im2col given `grad_columns` (columns layout): adds
 // the input gradient into the channels-last `grad_input` [N, H, W, C] and writes
-// the chunk's pixels of `grad_offset` and, when `mask` is not null, `grad_mask`
-// (layouts of offset and mask).
+// the chunk's pixels of `grad_offset` and, with a mask, `grad_mask` (dense: no
+// two elements share memory). Every result is the same from run to run; with
+// `deterministic` it is also the same whatever the number of threads (the
+// channels are split as for one thread, which leaves fewer tasks to share out
+// when a chunk has fewer images than there are threads).
 template <typename T>
 void deform_conv_col2im(const ConvSizes& s, const ConvChunk& chunk, const T* input,
-                        const T* offset, const T* mask, const T* grad_columns, T* grad_input,
-                        T* grad_offset, T* grad_mask);
+                        const Plane<const T>& offset, const Plane<const T>& mask,
+                        const T* grad_columns, T* grad_input, const Plane<T>& grad_offset,
+                        const Plane<T>& grad_mask, bool deterministic);
 
 }  // namespace deformops_native::cpu

@@ -26,6 +26,11 @@
 // gradient with a plain read-modify-write. No floating-point atomics: the
 // float4 atomics of a scatter measured ~140 G/s on an H100, which made them the
 // largest cost of the backward.
+// The ranks given by the integer atomic depend on the order in which threads
+// run, and so does the order of the samples summed in a cell. Deterministic
+// mode ranks the samples of a cell in sample order instead: a stable radix sort
+// of (cell, sample) pairs (sort.h) replaces the atomic ranks, so that every sum
+// runs in the same order at every run.
 //
 // Indices: positions inside a chunk are 32-bit (the host keeps a chunk's columns
 // under 2^31 elements); addresses into the tensors are 64-bit.
@@ -35,6 +40,7 @@
 #include "../sampling.h"
 #include "common.cuh"
 #include "deform_conv.h"
+#include "sort.h"
 
 namespace deformops::gpu {
 namespace {
@@ -55,14 +61,19 @@ constexpr int kGatherBatch = 4;
 // Transposes: tiles of 64 x 64 elements.
 constexpr int kTransposeTile = 64;
 
+// Element strides of an offset- or mask-like tensor [N, channels, H_out, W_out].
+struct Strides {
+  int64_t n, c, h, w;
+};
+
 // Everything a kernel needs about the convolution and the chunk.
 struct Geometry {
   int64_t channels;    // C
   int64_t height;      // H
   int64_t width;       // W
   int64_t image_size;  // H * W * C, elements of one channels-last input image
-  int64_t out_plane;   // H_out * W_out
   int64_t row;         // K * C, elements of one columns row
+  Strides offset_strides, mask_strides, grad_offset_strides, grad_mask_strides;
   int64_t stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;
   int64_t n_begin;                 // image of the chunk's first row
   uint32_t ho_begin;               // output row (in its image) of the chunk's first row
@@ -108,21 +119,25 @@ __device__ __forceinline__ Place place_of(const Geometry& g, uint32_t team) {
   return at;
 }
 
-// Flat index, in offset [N, 2*G*K, H_out, W_out], of the dy of kernel point 0 of
-// the team's offset group at its pixel (kernel point k's dy is 2k planes later).
-__device__ __forceinline__ int64_t offset_base(const Geometry& g, const Place& at) {
-  return (at.n * g.offset_groups + at.og) * 2 * g.kernel_points * g.out_plane +
-         int64_t(at.ho) * g.out_width + at.wo;
+// Index, in an offset-like tensor [N, 2*G*K, H_out, W_out] of strides `st`, of
+// the dy of kernel point 0 of the team's offset group at its pixel (kernel point
+// k's dy is 2k channels later, its dx one more).
+__device__ __forceinline__ int64_t offset_base(const Geometry& g, const Strides& st,
+                                               const Place& at) {
+  return at.n * st.n + int64_t(at.og) * 2 * g.kernel_points * st.c + int64_t(at.ho) * st.h +
+         int64_t(at.wo) * st.w;
 }
 
-// Flat index, in mask [N, G*K, H_out, W_out], of kernel point 0's mask.
-__device__ __forceinline__ int64_t mask_base(const Geometry& g, const Place& at) {
-  return (at.n * g.offset_groups + at.og) * g.kernel_points * g.out_plane +
-         int64_t(at.ho) * g.out_width + at.wo;
+// Index, in a mask-like tensor [N, G*K, H_out, W_out] of strides `st`, of kernel
+// point 0's mask (kernel point k's is k channels later).
+__device__ __forceinline__ int64_t mask_base(const Geometry& g, const Strides& st,
+                                             const Place& at) {
+  return at.n * st.n + int64_t(at.og) * g.kernel_points * st.c + int64_t(at.ho) * st.h +
+         int64_t(at.wo) * st.w;
 }
 
 // The sampling location (y, x) of kernel point k at the team's pixel; `dy` is
-// the flat index of its dy in offset (dx is one plane later).
+// the index of its dy in offset.
 template <typename T, typename V>
 __device__ __forceinline__ void sample_location(const Geometry& g, const Place& at,
                                                 const V* offset, int64_t dy, int k, T& y,
@@ -132,7 +147,7 @@ __device__ __forceinline__ void sample_location(const Geometry& g, const Place& 
   y = static_cast<T>(int64_t(at.ho) * g.stride_h - g.pad_h + i * g.dilation_h) +
       static_cast<T>(widen(offset[dy]));
   x = static_cast<T>(int64_t(at.wo) * g.stride_w - g.pad_w + j * g.dilation_w) +
-      static_cast<T>(widen(offset[dy + g.out_plane]));
+      static_cast<T>(widen(offset[dy + g.offset_strides.c]));
 }
 
 // Offset, within a columns row, of channel c's column of kernel point 0 (kernel
@@ -195,10 +210,15 @@ struct SampleFiles {
   int32_t* cell_counts;  // [cells + 1], zero on entry of col2im
   int32_t* tile_sums;    // [tiles] of the scan
   int32_t* cell;         // [S], -1 for a sample that touches no pixel
-  int32_t* rank;         // [S]
+  int32_t* rank;         // [S]: rank in its cell (atomic order), or s when `stable`
   void* weights;         // [S] CornerWeights<T>
   void* sorted_weights;  // [4][S] T, by cell
   int32_t* sorted_base;  // [S], by cell: p * K * C + k * C/groups
+  // Deterministic mode: (cell, s) pairs stably sorted by cell, so that the
+  // samples of a cell are in sample order.
+  bool stable;
+  uint32_t* sorted_cell;   // [S] the sorted cells (-1 last)
+  int32_t* sorted_sample;  // [S] their samples
 };
 
 // One kernel point's corners at a team's pixel, as the team's lanes share them
@@ -227,7 +247,7 @@ __device__ __forceinline__ deformops::Corners<T> fill_slot(const Geometry& g, co
                                                            const V* offset, const V* mask,
                                                            int k, CornerSlot<T>& slot, T& y,
                                                            T& x) {
-  const int64_t dy = offset_base(g, at) + 2 * k * g.out_plane;
+  const int64_t dy = offset_base(g, g.offset_strides, at) + 2 * k * g.offset_strides.c;
   sample_location(g, at, offset, dy, k, y, x);
   const deformops::Corners<T> corners = deformops::bilinear_corners<T>(y, x, g.height, g.width);
 #pragma unroll
@@ -237,7 +257,9 @@ __device__ __forceinline__ deformops::Corners<T> fill_slot(const Geometry& g, co
     slot.dweight_dy[q] = corners.dweight_dy[q];
     slot.dweight_dx[q] = corners.dweight_dx[q];
   }
-  slot.m = mask == nullptr ? T(1) : static_cast<T>(widen(mask[mask_base(g, at) + k * g.out_plane]));
+  slot.m = mask == nullptr ? T(1)
+                          : static_cast<T>(widen(
+                                mask[mask_base(g, g.mask_strides, at) + k * g.mask_strides.c]));
   return corners;
 }
 
@@ -325,8 +347,8 @@ __global__ void __launch_bounds__(kThreads, kCol2imMinBlocks)
   const uint32_t lane = thread & (team_lanes(g) - 1u);
   const Place at = place_of(g, active ? team : 0);
   const V* image = input + at.n * g.image_size;
-  const int64_t dy_base = offset_base(g, at);
-  const int64_t m_base = mask_base(g, at);
+  const int64_t dy_base = offset_base(g, g.grad_offset_strides, at);
+  const int64_t m_base = mask_base(g, g.grad_mask_strides, at);
   const V* grad_row = grad_columns + int64_t(at.p) * g.row;
   V* row = columns + int64_t(at.p) * g.row;
   auto* weights = static_cast<CornerWeights<T>*>(files.weights);
@@ -343,13 +365,14 @@ __global__ void __launch_bounds__(kThreads, kCol2imMinBlocks)
       const bool touches = m != T(0) && (corners.weight[0] != T(0) || corners.weight[1] != T(0) ||
                                          corners.weight[2] != T(0) || corners.weight[3] != T(0));
       int32_t cell = -1;
+      int32_t rank = 0;
       if (touches) {
         const int64_t cy = static_cast<int64_t>(floor(y)) + 1;
         const int64_t cx = static_cast<int64_t>(floor(x)) + 1;
         cell = static_cast<int32_t>(
             (uint32_t(at.n - g.n_begin) * g.offset_groups + at.og) * g.cells_per_map +
             cy * g.cell_width + cx);
-        files.rank[s] = atomicAdd(files.cell_counts + cell, 1);
+        rank = atomicAdd(files.cell_counts + cell, 1);
         CornerWeights<T> w;
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
@@ -358,6 +381,7 @@ __global__ void __launch_bounds__(kThreads, kCol2imMinBlocks)
         weights[s] = w;
       }
       files.cell[s] = cell;
+      files.rank[s] = files.stable ? static_cast<int32_t>(s) : rank;
     }
     __syncwarp();
     for (int kk = 0; kk < points; ++kk) {
@@ -411,11 +435,11 @@ __global__ void __launch_bounds__(kThreads, kCol2imMinBlocks)
         T grad_x = T(0);
         deformops::bilinear_sample_grad_location(dots, 1, dot_corners, grad_y, grad_x);
         const int k = k0 + kk;
-        const int64_t dy = dy_base + 2 * k * g.out_plane;
+        const int64_t dy = dy_base + 2 * k * g.grad_offset_strides.c;
         grad_offset[dy] = narrow<V>(slot.m * grad_y);
-        grad_offset[dy + g.out_plane] = narrow<V>(slot.m * grad_x);
+        grad_offset[dy + g.grad_offset_strides.c] = narrow<V>(slot.m * grad_x);
         if (mask != nullptr) {
-          grad_mask[m_base + k * g.out_plane] =
+          grad_mask[m_base + k * g.grad_mask_strides.c] =
               narrow<V>(deformops::bilinear_sample(dots, 1, dot_corners));
         }
       }
@@ -513,19 +537,10 @@ __device__ __forceinline__ int32_t cell_start(const SampleFiles& files, uint32_t
   return files.cell_counts[cell] + files.tile_sums[cell / kScanTile];
 }
 
-// Moves each filed sample to its place in the by-cell order.
+// Puts sample s at `position` of the by-cell order.
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    fill_kernel(const Geometry g, const SampleFiles files, uint32_t samples) {
-  const uint32_t s = blockIdx.x * kThreads + threadIdx.x;
-  if (s >= samples) {
-    return;
-  }
-  const int32_t cell = files.cell[s];
-  if (cell < 0) {
-    return;
-  }
-  const uint32_t position = cell_start(files, cell) + files.rank[s];
+__device__ __forceinline__ void file_sample(const Geometry& g, const SampleFiles& files,
+                                            uint32_t samples, uint32_t s, uint32_t position) {
   const uint32_t k = s % g.kernel_points;
   const uint32_t p = (s / g.kernel_points) % g.pixels;
   files.sorted_base[position] = static_cast<int32_t>(p * g.row + k * int64_t(g.group_channels));
@@ -534,6 +549,32 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
     sorted[q * int64_t(samples) + position] = w.w[q];
+  }
+}
+
+// Moves each filed sample to its place in the by-cell order: its cell's start
+// plus its rank.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    fill_kernel(const Geometry g, const SampleFiles files, uint32_t samples) {
+  const uint32_t s = blockIdx.x * kThreads + threadIdx.x;
+  if (s >= samples) {
+    return;
+  }
+  const int32_t cell = files.cell[s];
+  if (cell >= 0) {
+    file_sample<T>(g, files, samples, s, cell_start(files, cell) + files.rank[s]);
+  }
+}
+
+// Deterministic mode: position i of the stably sorted pairs is the place of its
+// sample (cell starts plus ranks in sample order).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    fill_sorted_kernel(const Geometry g, const SampleFiles files, uint32_t samples) {
+  const uint32_t i = blockIdx.x * kThreads + threadIdx.x;
+  if (i < samples && static_cast<int32_t>(files.sorted_cell[i]) >= 0) {
+    file_sample<T>(g, files, samples, files.sorted_sample[i], i);
   }
 }
 
@@ -725,7 +766,6 @@ bool make_geometry(const ConvSizes& s, const ConvChunk& chunk, int vec, Geometry
   g.height = s.height;
   g.width = s.width;
   g.image_size = s.height * s.width * s.channels;
-  g.out_plane = s.out_height * s.out_width;
   g.row = kernel_points * s.channels;
   g.stride_h = s.stride_h;
   g.stride_w = s.stride_w;
@@ -782,14 +822,26 @@ cudaError_t with_vector_width(int vec, F&& f) {
   return f(std::integral_constant<int, 1>{});
 }
 
+// Bits of the cell keys of a chunk: enough that a key of all ones (the cell -1
+// of a sample that touches no pixel) sorts after every cell.
+int cell_key_bits(const ConvSizes& s, const ConvChunk& chunk) {
+  int bits = 1;
+  while (bits < 32 && (int64_t(1) << bits) <= chunk_cells(s, chunk)) {
+    ++bits;
+  }
+  return bits;
+}
+
 // Byte layout of the col2im workspace: the arrays of SampleFiles, each aligned
-// to 16 bytes.
+// to 16 bytes, and in deterministic mode those of the sort and its scratch.
 struct WorkspaceLayout {
-  size_t counts, tile_sums, cell, rank, weights, sorted_weights, sorted_base, total;
+  size_t counts, tile_sums, cell, rank, weights, sorted_weights, sorted_base;
+  size_t sorted_cell, sorted_sample, sort_scratch, sort_scratch_bytes;
+  size_t total;
 };
 
 template <typename T>
-WorkspaceLayout workspace_layout(const ConvSizes& s, const ConvChunk& chunk) {
+WorkspaceLayout workspace_layout(const ConvSizes& s, const ConvChunk& chunk, bool deterministic) {
   const size_t samples =
       static_cast<size_t>(chunk_pixels(s, chunk) * s.offset_groups * s.kernel_h * s.kernel_w);
   const size_t cells = static_cast<size_t>(chunk_cells(s, chunk)) + 1;
@@ -808,15 +860,28 @@ WorkspaceLayout workspace_layout(const ConvSizes& s, const ConvChunk& chunk) {
   l.weights = take(samples * sizeof(CornerWeights<T>));
   l.sorted_weights = take(4 * samples * sizeof(T));
   l.sorted_base = take(samples * sizeof(int32_t));
+  if (deterministic) {
+    l.sorted_cell = take(samples * sizeof(uint32_t));
+    l.sorted_sample = take(samples * sizeof(int32_t));
+    l.sort_scratch_bytes =
+        sort_pairs_scratch_bytes(static_cast<int32_t>(samples), cell_key_bits(s, chunk));
+    l.sort_scratch = take(l.sort_scratch_bytes);
+  }
   l.total = at;
   return l;
+}
+
+template <typename V>
+Strides strides_of(const Plane<V>& plane) {
+  return Strides{plane.stride_n, plane.stride_c, plane.stride_h, plane.stride_w};
 }
 
 }  // namespace
 
 template <typename V>
 cudaError_t deform_conv_im2col(const ConvSizes& s, const ConvChunk& chunk, const V* input,
-                               const V* offset, const V* mask, V* columns, cudaStream_t stream) {
+                               const Plane<const V>& offset, const Plane<const V>& mask,
+                               V* columns, cudaStream_t stream) {
   const void* pointers[] = {input, columns};
   const int vec = vector_width<V>(s, pointers, 2);
   Geometry g;
@@ -826,30 +891,34 @@ cudaError_t deform_conv_im2col(const ConvSizes& s, const ConvChunk& chunk, const
   if (g.teams == 0) {
     return cudaSuccess;
   }
+  g.offset_strides = strides_of(offset);
+  g.mask_strides = strides_of(mask);
   return with_vector_width<V>(vec, [&](auto width) {
     im2col_kernel<V, decltype(width)::value>
         <<<blocks_for(int64_t(g.teams) << g.lanes_log2), kThreads, 0, stream>>>(
-            g, input, offset, mask, columns);
+            g, input, offset.data, mask.data, columns);
     return cudaGetLastError();
   });
 }
 
 template <typename V>
-size_t deform_conv_col2im_workspace(const ConvSizes& s, const ConvChunk& chunk) {
-  return workspace_layout<acc_type<V>>(s, chunk).total;
+size_t deform_conv_col2im_workspace(const ConvSizes& s, const ConvChunk& chunk,
+                                    bool deterministic) {
+  return workspace_layout<acc_type<V>>(s, chunk, deterministic).total;
 }
 
 template <typename V>
 cudaError_t deform_conv_col2im(const ConvSizes& s, const ConvChunk& chunk, const V* input,
-                               const V* offset, const V* mask, const V* grad_columns,
-                               V* columns, conv_grad_t<V>* grad_input, V* grad_offset,
-                               V* grad_mask, void* workspace, size_t workspace_bytes,
+                               const Plane<const V>& offset, const Plane<const V>& mask,
+                               const V* grad_columns, V* columns, conv_grad_t<V>* grad_input,
+                               const Plane<V>& grad_offset, const Plane<V>& grad_mask,
+                               void* workspace, size_t workspace_bytes, bool deterministic,
                                cudaStream_t stream) {
   using T = acc_type<V>;
   const void* pointers[] = {input, grad_columns, columns};
   const int vec = vector_width<V>(s, pointers, 3);
   Geometry g;
-  const WorkspaceLayout layout = workspace_layout<T>(s, chunk);
+  const WorkspaceLayout layout = workspace_layout<T>(s, chunk, deterministic);
   if (!make_geometry(s, chunk, vec, g) || workspace_bytes < layout.total ||
       !is_aligned(workspace, 16)) {
     return cudaErrorInvalidValue;
@@ -857,6 +926,10 @@ cudaError_t deform_conv_col2im(const ConvSizes& s, const ConvChunk& chunk, const
   if (g.teams == 0) {
     return cudaSuccess;
   }
+  g.offset_strides = strides_of(offset);
+  g.mask_strides = strides_of(mask);
+  g.grad_offset_strides = strides_of(grad_offset);
+  g.grad_mask_strides = strides_of(grad_mask);
   char* base = static_cast<char*>(workspace);
   const SampleFiles files{reinterpret_cast<int32_t*>(base + layout.counts),
                           reinterpret_cast<int32_t*>(base + layout.tile_sums),
@@ -864,7 +937,10 @@ cudaError_t deform_conv_col2im(const ConvSizes& s, const ConvChunk& chunk, const
                           reinterpret_cast<int32_t*>(base + layout.rank),
                           base + layout.weights,
                           base + layout.sorted_weights,
-                          reinterpret_cast<int32_t*>(base + layout.sorted_base)};
+                          reinterpret_cast<int32_t*>(base + layout.sorted_base),
+                          deterministic,
+                          reinterpret_cast<uint32_t*>(base + layout.sorted_cell),
+                          reinterpret_cast<int32_t*>(base + layout.sorted_sample)};
   const uint32_t samples = g.teams * g.kernel_points;
   const uint32_t cells = static_cast<uint32_t>(chunk_cells(s, chunk)) + 1;
   const uint32_t tiles = (cells + kScanTile - 1) / kScanTile;
@@ -875,10 +951,22 @@ cudaError_t deform_conv_col2im(const ConvSizes& s, const ConvChunk& chunk, const
   return with_vector_width<V>(vec, [&](auto width) {
     constexpr int VEC = decltype(width)::value;
     col2im_kernel<V, VEC><<<blocks_for(int64_t(g.teams) << g.lanes_log2), kThreads, 0, stream>>>(
-        g, input, offset, mask, grad_columns, columns, grad_offset, grad_mask, files);
+        g, input, offset.data, mask.data, grad_columns, columns, grad_offset.data, grad_mask.data,
+        files);
     scan_tiles_kernel<<<tiles, kThreads, 0, stream>>>(files.cell_counts, cells, files.tile_sums);
     scan_tile_sums_kernel<<<1, kThreads, 0, stream>>>(files.tile_sums, tiles);
-    fill_kernel<T><<<blocks_for(samples), kThreads, 0, stream>>>(g, files, samples);
+    if (deterministic) {
+      const cudaError_t sorted = sort_pairs(
+          reinterpret_cast<const uint32_t*>(files.cell), files.sorted_cell, files.rank,
+          files.sorted_sample, static_cast<int32_t>(samples), cell_key_bits(s, chunk),
+          base + layout.sort_scratch, layout.sort_scratch_bytes, stream);
+      if (sorted != cudaSuccess) {
+        return sorted;
+      }
+      fill_sorted_kernel<T><<<blocks_for(samples), kThreads, 0, stream>>>(g, files, samples);
+    } else {
+      fill_kernel<T><<<blocks_for(samples), kThreads, 0, stream>>>(g, files, samples);
+    }
     const int64_t map_teams = int64_t(g.images) * g.offset_groups * g.map_pixels;
     gather_kernel<V, VEC><<<blocks_for(map_teams << g.lanes_log2), kThreads, 0, stream>>>(
         g, grad_columns, grad_input, files, samples);
@@ -931,14 +1019,15 @@ cudaError_t deform_conv_transpose(const S* src, D* dst, int64_t batch, int64_t r
   return launch(std::integral_constant<int, 1>{});
 }
 
-#define DEFORMOPS_INSTANTIATE_CONV(V)                                                          \
-  template cudaError_t deform_conv_im2col<V>(const ConvSizes&, const ConvChunk&, const V*,    \
-                                             const V*, const V*, V*, cudaStream_t);           \
-  template size_t deform_conv_col2im_workspace<V>(const ConvSizes&, const ConvChunk&);        \
-  template cudaError_t deform_conv_col2im<V>(const ConvSizes&, const ConvChunk&, const V*,    \
-                                             const V*, const V*, const V*, V*,                \
-                                             conv_grad_t<V>*, V*, V*, void*, size_t,          \
-                                             cudaStream_t);
+#define DEFORMOPS_INSTANTIATE_CONV(V)                                                         \
+  template cudaError_t deform_conv_im2col<V>(const ConvSizes&, const ConvChunk&, const V*,   \
+                                             const Plane<const V>&, const Plane<const V>&,   \
+                                             V*, cudaStream_t);                              \
+  template size_t deform_conv_col2im_workspace<V>(const ConvSizes&, const ConvChunk&, bool); \
+  template cudaError_t deform_conv_col2im<V>(                                                \
+      const ConvSizes&, const ConvChunk&, const V*, const Plane<const V>&,                   \
+      const Plane<const V>&, const V*, V*, conv_grad_t<V>*, const Plane<V>&,                 \
+      const Plane<V>&, void*, size_t, bool, cudaStream_t);
 
 #define DEFORMOPS_INSTANTIATE_TRANSPOSE(S, D)                                                    \
   template cudaError_t deform_conv_transpose<S, D>(const S*, D*, int64_t, int64_t, int64_t, \

@@ -38,6 +38,16 @@ struct ConvSizes {
   int64_t offset_groups;
 };
 
+// A strided [N, channels, H_out, W_out] tensor of the convolution (offset, mask
+// and their gradients), in any layout: contiguous, channels-last, or a channel
+// slice of a larger tensor, read and written in place (element strides). V is
+// const for inputs.
+template <typename V>
+struct Plane {
+  V* data;  // null for an absent mask
+  int64_t stride_n, stride_c, stride_h, stride_w;
+};
+
 // A chunk of the convolution: the output rows [row_begin, row_end) of the
 // flattened (n, h_out) rows, that is P = (row_end - row_begin) * W_out output
 // pixels p = (row - row_begin) * W_out + w_out.
@@ -56,28 +66,34 @@ struct ConvChunk {
 constexpr int64_t kMaxChunkElements = (int64_t(1) << 31) - 1;
 
 // Fills `columns` (see ConvChunk) with the bilinear samples of the
-// channels-last `input` [N, H, W, C], times the mask when `mask` is not null.
+// channels-last `input` [N, H, W, C], times the mask when `mask.data` is not null.
 template <typename V>
 cudaError_t deform_conv_im2col(const ConvSizes& s, const ConvChunk& chunk, const V* input,
-                               const V* offset, const V* mask, V* columns, cudaStream_t stream);
+                               const Plane<const V>& offset, const Plane<const V>& mask,
+                               V* columns, cudaStream_t stream);
 
 // Bytes of the workspace of deform_conv_col2im for the chunk (the samples filed
-// by bilinear cell, a few ints and floats per sample and per cell).
+// by bilinear cell, a few ints and floats per sample and per cell; in
+// deterministic mode also a sort's buffers, 8 more bytes per sample and scratch).
 template <typename V>
-size_t deform_conv_col2im_workspace(const ConvSizes& s, const ConvChunk& chunk);
+size_t deform_conv_col2im_workspace(const ConvSizes& s, const ConvChunk& chunk,
+                                    bool deterministic);
 
 // The backward of deform_conv_im2col given `grad_columns` (columns layout):
 // adds the input gradient into the channels-last `grad_input` [N, H, W, C]
 // (zero-initialised by the caller; a gather, no atomics) and writes the chunk's
-// pixels of `grad_offset` and, when `mask` is not null, `grad_mask` (layouts of
-// offset and mask). It also writes `columns` as deform_conv_im2col does (from
+// pixels of `grad_offset` and, with a mask, `grad_mask`. It also writes
+// `columns` as deform_conv_im2col does (from
 // the same corner loads). `workspace` (16-byte aligned) holds at least
-// deform_conv_col2im_workspace(s, chunk) bytes.
+// deform_conv_col2im_workspace(s, chunk, deterministic) bytes. Every output but
+// the input gradient is the same at every run; with `deterministic`, the input
+// gradient is too (its sums run in sample order), at the cost of a sort.
 template <typename V>
 cudaError_t deform_conv_col2im(const ConvSizes& s, const ConvChunk& chunk, const V* input,
-                               const V* offset, const V* mask, const V* grad_columns,
-                               V* columns, conv_grad_t<V>* grad_input, V* grad_offset,
-                               V* grad_mask, void* workspace, size_t workspace_bytes,
+                               const Plane<const V>& offset, const Plane<const V>& mask,
+                               const V* grad_columns, V* columns, conv_grad_t<V>* grad_input,
+                               const Plane<V>& grad_offset, const Plane<V>& grad_mask,
+                               void* workspace, size_t workspace_bytes, bool deterministic,
                                cudaStream_t stream);
 
 // dst[b][c][r] = src[b][r][c] for b < batch, r < rows, c < cols, converted to D
