@@ -1,7 +1,12 @@
-"""Runs every GPU test case once, forward and backward, for compute-sanitizer
+"""Runs every GPU test case once, forward and backward, with the default and with the
+deterministic algorithms, for compute-sanitizer
 (``compute-sanitizer --tool memcheck python tests/gpu/sanitize_cases.py``)."""
 
 from __future__ import annotations
+
+import os
+
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS call
 
 import torch
 from cases import CONV_CASES, MSDA_CASES, conv_inputs, msda_inputs
@@ -9,7 +14,7 @@ from cases import CONV_CASES, MSDA_CASES, conv_inputs, msda_inputs
 import deformops
 
 
-def main() -> None:
+def run_all_cases() -> None:
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for case in MSDA_CASES:
             value, shapes, starts, loc, weights = msda_inputs(case, "cuda", dtype)
@@ -26,7 +31,13 @@ def main() -> None:
             out = deformops.deform_conv2d(**kwargs)
             out.backward(torch.randn_like(out))
     torch.cuda.synchronize()
-    print("sanitize cases: done")
+
+
+def main() -> None:
+    for deterministic in (False, True):
+        torch.use_deterministic_algorithms(deterministic)
+        run_all_cases()
+        print(f"sanitize cases (deterministic={deterministic}): done")
 
 
 if __name__ == "__main__":
