@@ -68,7 +68,7 @@ void check_msda(const at::Tensor& value, const at::Tensor& spatial_shapes,
               level_start_index.sizes());
 }
 
-cpu::MsdaSizes msda_sizes(const at::Tensor& value, const at::Tensor& sampling_locations) {
+MsdaSizes msda_sizes(const at::Tensor& value, const at::Tensor& sampling_locations) {
   return {value.size(0),
           value.size(1),
           value.size(2),
@@ -82,7 +82,7 @@ at::Tensor msda_forward(const at::Tensor& value, const at::Tensor& spatial_shape
                         const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
                         const at::Tensor& attention_weights) {
   check_msda(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
-  const cpu::MsdaSizes s = msda_sizes(value, sampling_locations);
+  const MsdaSizes s = msda_sizes(value, sampling_locations);
   const at::Tensor shapes = spatial_shapes.contiguous();
   const at::Tensor starts = level_start_index.contiguous();
   at::Tensor output;
@@ -110,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> msda_backward(
     const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
     const at::Tensor& attention_weights) {
   check_msda(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
-  const cpu::MsdaSizes s = msda_sizes(value, sampling_locations);
+  const MsdaSizes s = msda_sizes(value, sampling_locations);
   TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({s.batch, s.queries, s.heads * s.channels}),
               "deformops: grad_output must be [N, Q, M*D], got ", grad_output.sizes());
   check_dtype(grad_output, value.scalar_type(), "grad_output");
@@ -146,8 +146,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> msda_backward(
 // The CPU kernels of cpu/ for the shared host side (deform_conv_host.h): they
 // compute in float (double for float64).
 struct CpuConvKernels {
-  using Sizes = cpu::ConvSizes;
-  using Chunk = cpu::ConvChunk;
   // Columns of one chunk: 4 MiB, about what the caches of a few cores hold.
   static constexpr int64_t kColumnsBudgetBytes = int64_t(4) << 20;
 
@@ -173,7 +171,7 @@ struct CpuConvKernels {
   }
 
   template <typename V>
-  static void im2col(const Sizes& s, const Chunk& chunk, const at::Tensor& input,
+  static void im2col(const ConvSizes& s, const ConvChunk& chunk, const at::Tensor& input,
                      const at::Tensor& offset, const at::Tensor& mask, const at::Tensor& columns) {
     using T = acc_t<V>;
     cpu::deform_conv_im2col<T>(s, chunk, input.const_data_ptr<T>(), input_plane<T>(offset),
@@ -181,7 +179,7 @@ struct CpuConvKernels {
   }
 
   template <typename V>
-  static void col2im(const Sizes& s, const Chunk& chunk, const at::Tensor& input,
+  static void col2im(const ConvSizes& s, const ConvChunk& chunk, const at::Tensor& input,
                      const at::Tensor& offset, const at::Tensor& mask,
                      const at::Tensor& grad_columns, const at::Tensor& columns,
                      const at::Tensor& grad_input, const at::Tensor& grad_offset,

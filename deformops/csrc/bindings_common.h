@@ -9,7 +9,13 @@
 #include <optional>
 #include <utility>
 
+#include "sizes.h"
+
 namespace deformops_native {
+
+using deformops::ConvChunk;
+using deformops::ConvSizes;
+using deformops::MsdaSizes;
 
 // Carries a C++ element type through a generic lambda: `[&](auto tag) { using T =
 // typename decltype(tag)::type; ... }`.

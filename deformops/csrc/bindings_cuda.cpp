@@ -142,7 +142,7 @@ at::Tensor msda_forward_cuda(const at::Tensor& value, const at::Tensor& spatial_
   const c10::cuda::CUDAGuard guard(value.device());
   const MsdaTensors t = msda_tensors(value, spatial_shapes, level_start_index, sampling_locations,
                                      attention_weights);
-  const gpu::MsdaSizes& s = t.inputs.sizes;
+  const MsdaSizes& s = t.inputs.sizes;
   at::Tensor output = at::empty({s.batch, s.queries, s.heads * s.channels}, value.options());
   check_launch(gpu::msda_forward(t.inputs, output.mutable_data_ptr(),
                                  c10::cuda::getCurrentCUDAStream().stream()),
@@ -157,7 +157,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> msda_backward_cuda(
   const c10::cuda::CUDAGuard guard(value.device());
   const MsdaTensors t = msda_tensors(value, spatial_shapes, level_start_index, sampling_locations,
                                      attention_weights);
-  const gpu::MsdaSizes& s = t.inputs.sizes;
+  const MsdaSizes& s = t.inputs.sizes;
   TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({s.batch, s.queries, s.heads * s.channels}),
               "deformops: grad_output must be [N, Q, M*D] = ",
               at::IntArrayRef({s.batch, s.queries, s.heads * s.channels}), ", got ",
@@ -219,8 +219,6 @@ E* elements(const at::Tensor& t) {
 }
 
 struct CudaConvKernels {
-  using Sizes = gpu::ConvSizes;
-  using Chunk = gpu::ConvChunk;
   // Columns of one chunk: 64 MiB, so that the peak memory of forward+backward
   // stays under torchvision's (which holds the columns of up to 32 images).
   static constexpr int64_t kColumnsBudgetBytes = int64_t(64) << 20;
@@ -238,7 +236,7 @@ struct CudaConvKernels {
   }
 
   template <typename V>
-  static void im2col(const Sizes& s, const Chunk& chunk, const at::Tensor& input,
+  static void im2col(const ConvSizes& s, const ConvChunk& chunk, const at::Tensor& input,
                      const at::Tensor& offset, const at::Tensor& mask, const at::Tensor& columns) {
     using E = typename CudaElement<V>::type;
     check_launch(gpu::deform_conv_im2col<E>(s, chunk, elements<const E, V>(input),
@@ -249,7 +247,7 @@ struct CudaConvKernels {
   }
 
   template <typename V>
-  static void col2im(const Sizes& s, const Chunk& chunk, const at::Tensor& input,
+  static void col2im(const ConvSizes& s, const ConvChunk& chunk, const at::Tensor& input,
                      const at::Tensor& offset, const at::Tensor& mask,
                      const at::Tensor& grad_columns, const at::Tensor& columns,
                      const at::Tensor& grad_input, const at::Tensor& grad_offset,

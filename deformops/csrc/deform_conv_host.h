@@ -4,9 +4,7 @@
 // tensor cores, with float32 following torch.backends.cuda.matmul.allow_tf32),
 // around a device's two sampling kernels.
 //
-// A device provides a `Kernels` type:
-//   using Sizes = ...;  // aggregate with the fields of gpu::ConvSizes, in order
-//   using Chunk = ...;  // aggregate {row_begin, row_end} (see gpu::ConvChunk)
+// A device provides a `Kernels` type (sizes and chunks are those of sizes.h):
 //   static constexpr int64_t kColumnsBudgetBytes;  // most bytes of one chunk's columns
 //   template <typename V> static at::ScalarType compute_type();  // see below
 //   template <typename V> static void im2col(sizes, chunk, input, offset, mask, columns);
@@ -89,12 +87,11 @@ inline void check_conv(const at::Tensor& input, const at::Tensor& offset, const 
   }
 }
 
-template <typename Sizes>
-Sizes conv_sizes(const at::Tensor& input, const at::Tensor& offset, const at::Tensor& weight,
+inline ConvSizes conv_sizes(const at::Tensor& input, const at::Tensor& offset, const at::Tensor& weight,
                  int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w,
                  int64_t dilation_h, int64_t dilation_w) {
   const int64_t kernel_points = weight.size(2) * weight.size(3);
-  return Sizes{input.size(0),
+  return ConvSizes{input.size(0),
                input.size(1),
                input.size(2),
                input.size(3),
@@ -114,20 +111,18 @@ Sizes conv_sizes(const at::Tensor& input, const at::Tensor& offset, const at::Te
 
 // Output rows (n, h_out) in chunks whose columns hold at most `budget` elements
 // (at least one row each).
-template <typename Chunk, typename Sizes>
-std::vector<Chunk> conv_chunks(const Sizes& s, int64_t budget) {
+inline std::vector<ConvChunk> conv_chunks(const ConvSizes& s, int64_t budget) {
   const int64_t rows = s.batch * s.out_height;
   const int64_t per_row = s.out_width * s.kernel_h * s.kernel_w * s.channels;
   const int64_t step = std::max<int64_t>(1, budget / std::max<int64_t>(1, per_row));
-  std::vector<Chunk> chunks;
+  std::vector<ConvChunk> chunks;
   for (int64_t r = 0; r < rows && s.out_width > 0; r += step) {
-    chunks.push_back(Chunk{r, std::min(rows, r + step)});
+    chunks.push_back(ConvChunk{r, std::min(rows, r + step)});
   }
   return chunks;
 }
 
-template <typename Sizes, typename Chunk>
-int64_t chunk_pixels(const Sizes& s, const Chunk& chunk) {
+inline int64_t chunk_pixels(const ConvSizes& s, const ConvChunk& chunk) {
   return (chunk.row_end - chunk.row_begin) * s.out_width;
 }
 
@@ -142,8 +137,7 @@ at::Tensor pixel_rows(const at::Tensor& t, at::ScalarType dtype) {
 }
 
 // The chunk's rows of a pixel_rows matrix.
-template <typename Sizes, typename Chunk>
-at::Tensor chunk_rows(const Sizes& s, const Chunk& chunk, const at::Tensor& rows) {
+inline at::Tensor chunk_rows(const ConvSizes& s, const ConvChunk& chunk, const at::Tensor& rows) {
   return rows.narrow(0, chunk.row_begin * s.out_width, chunk_pixels(s, chunk));
 }
 
@@ -178,11 +172,9 @@ at::Tensor forward(const at::Tensor& input, const at::Tensor& offset, const at::
                    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias,
                    int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w,
                    int64_t dilation_h, int64_t dilation_w) {
-  using Sizes = typename Kernels::Sizes;
-  using Chunk = typename Kernels::Chunk;
   check_conv(input, offset, weight, mask.value_or(at::Tensor()), stride_h, stride_w, pad_h,
              pad_w, dilation_h, dilation_w);
-  const Sizes s = conv_sizes<Sizes>(input, offset, weight, stride_h, stride_w, pad_h, pad_w,
+  const ConvSizes s = conv_sizes(input, offset, weight, stride_h, stride_w, pad_h, pad_w,
                                     dilation_h, dilation_w);
   const int64_t c_out = weight.size(0);
   const bool has_bias = bias.has_value() && bias->defined();
@@ -199,7 +191,7 @@ at::Tensor forward(const at::Tensor& input, const at::Tensor& offset, const at::
     const at::Tensor rows = at::empty({s.batch * s.out_height * s.out_width, c_out},
                                       input.options().dtype(compute));
     output = rows.view({s.batch, s.out_height, s.out_width, c_out}).permute({0, 3, 1, 2});
-    const std::vector<Chunk> chunks = conv_chunks<Chunk>(
+    const std::vector<ConvChunk> chunks = conv_chunks(
         s, Kernels::kColumnsBudgetBytes / c10::elementSize(compute));
     if (chunks.empty() || c_out == 0) {
       return;
@@ -211,7 +203,7 @@ at::Tensor forward(const at::Tensor& input, const at::Tensor& offset, const at::
     const at::Tensor b = has_bias ? bias->to(compute) : at::Tensor();
     const at::Tensor buffer = at::empty({chunk_pixels(s, chunks.front()), w.size(1) * s.groups},
                                         in.options().dtype(compute));
-    for (const Chunk& chunk : chunks) {
+    for (const ConvChunk& chunk : chunks) {
       const at::Tensor columns = buffer.narrow(0, 0, chunk_pixels(s, chunk));
       Kernels::template im2col<V>(s, chunk, in, off, msk, columns);
       const at::Tensor out = chunk_rows(s, chunk, rows);
@@ -235,11 +227,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& offset,
     const at::Tensor& weight, const std::optional<at::Tensor>& mask, int64_t stride_h,
     int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dilation_h, int64_t dilation_w) {
-  using Sizes = typename Kernels::Sizes;
-  using Chunk = typename Kernels::Chunk;
   check_conv(input, offset, weight, mask.value_or(at::Tensor()), stride_h, stride_w, pad_h,
              pad_w, dilation_h, dilation_w);
-  const Sizes s = conv_sizes<Sizes>(input, offset, weight, stride_h, stride_w, pad_h, pad_w,
+  const ConvSizes s = conv_sizes(input, offset, weight, stride_h, stride_w, pad_h, pad_w,
                                     dilation_h, dilation_w);
   const int64_t c_out = weight.size(0);
   TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({s.batch, c_out, s.out_height, s.out_width}),
@@ -263,7 +253,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor grad_in = at::zeros({s.batch, s.height, s.width, s.channels}, acc);
     const at::Tensor grad_w = at::zeros({c_out, weight.size(1) * s.kernel_h * s.kernel_w}, acc);
     // Two buffers (columns and their gradient) share the budget.
-    const std::vector<Chunk> chunks = conv_chunks<Chunk>(
+    const std::vector<ConvChunk> chunks = conv_chunks(
         s, Kernels::kColumnsBudgetBytes / (2 * c10::elementSize(compute)));
     if (!chunks.empty() && c_out > 0) {
       const at::Tensor w = weight_matrix(weight, compute);
@@ -271,7 +261,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
       const at::Tensor buffers = at::empty(
           {2, chunk_pixels(s, chunks.front()), w.size(1) * s.groups},
           in.options().dtype(compute));
-      for (const Chunk& chunk : chunks) {
+      for (const ConvChunk& chunk : chunks) {
         const at::Tensor columns = buffers[0].narrow(0, 0, chunk_pixels(s, chunk));
         const at::Tensor grad_columns = buffers[1].narrow(0, 0, chunk_pixels(s, chunk));
         const at::Tensor grad_out = chunk_rows(s, chunk, grad_rows);

@@ -12,11 +12,17 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "sizes.h"
+
 #if AT_PARALLEL_OPENMP && !defined(_OPENMP)
 #error "deformops: torch parallelises with OpenMP; compile the CPU kernels with -fopenmp"
 #endif
 
 namespace deformops_native::cpu {
+
+using deformops::ConvChunk;
+using deformops::ConvSizes;
+using deformops::MsdaSizes;
 
 // The grain of at::parallel_for (the fewest iterations of one task) for a loop
 // whose iterations each do about `work` elementary operations: about 32768
@@ -25,18 +31,6 @@ inline int64_t grain_for(int64_t work) {
   constexpr int64_t kTaskWork = 32768;
   return std::max<int64_t>(1, kTaskWork / std::max<int64_t>(1, work));
 }
-
-// Sizes of a multi-scale deformable attention: value [N, S, M, D], sampling
-// locations [N, Q, M, L, P, 2], attention weights [N, Q, M, L, P].
-struct MsdaSizes {
-  int64_t batch;     // N
-  int64_t spatial;   // S
-  int64_t heads;     // M
-  int64_t channels;  // D
-  int64_t queries;   // Q
-  int64_t levels;    // L
-  int64_t points;    // P
-};
 
 // output [N, Q, M*D] = for each head, the attention-weighted sum of the L*P
 // bilinear samples. `spatial_shapes` [L, 2] holds (H_l, W_l), `level_start`
@@ -54,20 +48,6 @@ void msda_backward(const MsdaSizes& s, const T* grad_output, const T* value,
                    const int64_t* spatial_shapes, const int64_t* level_start, const T* locations,
                    const T* attention, T* grad_value, T* grad_locations, T* grad_attention);
 
-// Sizes of a deformable convolution: input [N, C, H, W] (read channels-last),
-// offset [N, 2*G*K, H_out, W_out], mask [N, G*K, H_out, W_out], K = kh*kw kernel
-// points, `groups` convolution groups and G = `offset_groups`.
-struct ConvSizes {
-  int64_t batch, channels, height, width;
-  int64_t out_height, out_width;
-  int64_t kernel_h, kernel_w;
-  int64_t stride_h, stride_w;
-  int64_t pad_h, pad_w;
-  int64_t dilation_h, dilation_w;
-  int64_t groups;
-  int64_t offset_groups;
-};
-
 // A strided [N, channels, H_out, W_out] tensor of the convolution (offset, mask
 // and their gradients), in any layout: contiguous, channels-last, or a channel
 // slice of a larger tensor, read and written in place. T is const for inputs.
@@ -80,18 +60,6 @@ struct Plane {
   T& at(int64_t n, int64_t c, int64_t h, int64_t w) const {
     return data[n * stride_n + c * stride_c + h * stride_h + w * stride_w];
   }
-};
-
-// A chunk of the convolution: the output rows [row_begin, row_end) of the
-// flattened (n, h_out) rows, that is P = (row_end - row_begin) * W_out output
-// pixels p = (row - row_begin) * W_out + w_out.
-//
-// Columns layout: [P, groups, K, C/groups], so that the columns of group g are
-// the [P, K*C/groups] matrix at column offset g*K*C/groups (row stride K*C), to
-// be contracted with the group's weight laid out [C_out/groups, K, C/groups].
-struct ConvChunk {
-  int64_t row_begin;
-  int64_t row_end;
 };
 
 // Fills `columns` (see ConvChunk) with the bilinear samples of the channels-last

@@ -17,26 +17,13 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "sizes.h"
+
 namespace deformops::gpu {
 
 // The element type of the input gradient's accumulator for elements of type V.
 template <typename V>
 using conv_grad_t = std::conditional_t<std::is_same_v<V, double>, double, float>;
-
-// Sizes of a deformable convolution: input [N, C, H, W] (read channels-last,
-// [N, H, W, C]), offset [N, 2*G*K, H_out, W_out], mask [N, G*K, H_out, W_out],
-// K = kernel_h * kernel_w kernel points, `groups` convolution groups and
-// G = `offset_groups`.
-struct ConvSizes {
-  int64_t batch, channels, height, width;
-  int64_t out_height, out_width;
-  int64_t kernel_h, kernel_w;
-  int64_t stride_h, stride_w;
-  int64_t pad_h, pad_w;
-  int64_t dilation_h, dilation_w;
-  int64_t groups;
-  int64_t offset_groups;
-};
 
 // A strided [N, channels, H_out, W_out] tensor of the convolution (offset, mask
 // and their gradients), in any layout: contiguous, channels-last, or a channel
@@ -46,19 +33,6 @@ template <typename V>
 struct Plane {
   V* data;  // null for an absent mask
   int64_t stride_n, stride_c, stride_h, stride_w;
-};
-
-// A chunk of the convolution: the output rows [row_begin, row_end) of the
-// flattened (n, h_out) rows, that is P = (row_end - row_begin) * W_out output
-// pixels p = (row - row_begin) * W_out + w_out.
-//
-// Columns layout: [P, groups, K, C/groups] (row p holds K*C elements), so that
-// the columns of group g are the [P, K*C/groups] matrix at column offset
-// g*K*C/groups, to be contracted with the group's weight laid out
-// [C_out/groups, K, C/groups].
-struct ConvChunk {
-  int64_t row_begin;
-  int64_t row_end;
 };
 
 // Largest chunk the kernels index: P * K * C (and P * C) below 2^31, so that

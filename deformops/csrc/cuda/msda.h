@@ -25,20 +25,11 @@
 
 #include <cstdint>
 
+#include "sizes.h"
+
 namespace deformops::gpu {
 
 enum class Dtype : int { kFloat32, kFloat16, kBFloat16, kFloat64 };
-
-// Sizes of one MSDA problem.
-struct MsdaSizes {
-  int64_t batch;    // N
-  int64_t spatial;  // S = sum over levels of H_l * W_l
-  int64_t heads;    // M
-  int64_t channels; // D, channels per head
-  int64_t queries;  // Q
-  int64_t levels;   // L
-  int64_t points;   // P, sampling points per level
-};
 
 // The inputs of the forward, which the backward also reads.
 struct MsdaInputs {
