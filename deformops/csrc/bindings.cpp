@@ -40,44 +40,6 @@ void dispatch_compute_type(at::ScalarType dtype, const char* what, F&& f) {
 // ---------------------------------------------------------------------------
 // Multi-scale deformable attention
 
-void check_msda(const at::Tensor& value, const at::Tensor& spatial_shapes,
-                const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
-                const at::Tensor& attention_weights) {
-  check_dim(value, 4, "value");
-  check_dim(sampling_locations, 6, "sampling_locations");
-  check_dtype(spatial_shapes, at::kLong, "spatial_shapes");
-  check_dtype(level_start_index, at::kLong, "level_start_index");
-  check_dtype_or_float(sampling_locations, value.scalar_type(), "sampling_locations");
-  check_dtype_or_float(attention_weights, value.scalar_type(), "attention_weights");
-  const int64_t n = value.size(0);
-  const int64_t m = value.size(2);
-  const int64_t q = sampling_locations.size(1);
-  const int64_t levels = sampling_locations.size(3);
-  const int64_t points = sampling_locations.size(4);
-  TORCH_CHECK(sampling_locations.sizes() == at::IntArrayRef({n, q, m, levels, points, 2}),
-              "deformops: sampling_locations must be [N, Q, M, L, P, 2] = [", n, ", Q, ", m,
-              ", L, P, 2], got ", sampling_locations.sizes());
-  TORCH_CHECK(attention_weights.sizes() == at::IntArrayRef({n, q, m, levels, points}),
-              "deformops: attention_weights must be [N, Q, M, L, P] = ",
-              at::IntArrayRef({n, q, m, levels, points}), ", got ", attention_weights.sizes());
-  TORCH_CHECK(spatial_shapes.sizes() == at::IntArrayRef({levels, 2}),
-              "deformops: spatial_shapes must be [L, 2] = [", levels, ", 2], got ",
-              spatial_shapes.sizes());
-  TORCH_CHECK(level_start_index.sizes() == at::IntArrayRef({levels}),
-              "deformops: level_start_index must be [L] = [", levels, "], got ",
-              level_start_index.sizes());
-}
-
-MsdaSizes msda_sizes(const at::Tensor& value, const at::Tensor& sampling_locations) {
-  return {value.size(0),
-          value.size(1),
-          value.size(2),
-          value.size(3),
-          sampling_locations.size(1),
-          sampling_locations.size(3),
-          sampling_locations.size(4)};
-}
-
 at::Tensor msda_forward(const at::Tensor& value, const at::Tensor& spatial_shapes,
                         const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
                         const at::Tensor& attention_weights) {

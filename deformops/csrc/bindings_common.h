@@ -114,4 +114,51 @@ Plane plane_of(const at::Tensor& t, Data data) {
   return Plane{data(t), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
 }
 
+// Checks the arguments of the attention (value [N, S, M, D], locations
+// [N, Q, M, L, P, 2], weights [N, Q, M, L, P], shapes [L, 2], starts [L]) on every
+// device.
+inline void check_msda(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+                const at::Tensor& attention_weights) {
+  check_dim(value, 4, "value");
+  check_dim(sampling_locations, 6, "sampling_locations");
+  check_dtype(spatial_shapes, at::kLong, "spatial_shapes");
+  check_dtype(level_start_index, at::kLong, "level_start_index");
+  check_dtype_or_float(sampling_locations, value.scalar_type(), "sampling_locations");
+  check_dtype_or_float(attention_weights, value.scalar_type(), "attention_weights");
+  for (const auto& [tensor, what] : {std::pair{&spatial_shapes, "spatial_shapes"},
+                                     std::pair{&level_start_index, "level_start_index"},
+                                     std::pair{&sampling_locations, "sampling_locations"},
+                                     std::pair{&attention_weights, "attention_weights"}}) {
+    check_same_device(*tensor, value, what);
+  }
+  const int64_t n = value.size(0);
+  const int64_t m = value.size(2);
+  const int64_t q = sampling_locations.size(1);
+  const int64_t levels = sampling_locations.size(3);
+  const int64_t points = sampling_locations.size(4);
+  TORCH_CHECK(sampling_locations.sizes() == at::IntArrayRef({n, q, m, levels, points, 2}),
+              "deformops: sampling_locations must be [N, Q, M, L, P, 2] = [", n, ", Q, ", m,
+              ", L, P, 2], got ", sampling_locations.sizes());
+  TORCH_CHECK(attention_weights.sizes() == at::IntArrayRef({n, q, m, levels, points}),
+              "deformops: attention_weights must be [N, Q, M, L, P] = ",
+              at::IntArrayRef({n, q, m, levels, points}), ", got ", attention_weights.sizes());
+  TORCH_CHECK(spatial_shapes.sizes() == at::IntArrayRef({levels, 2}),
+              "deformops: spatial_shapes must be [L, 2] = [", levels, ", 2], got ",
+              spatial_shapes.sizes());
+  TORCH_CHECK(level_start_index.sizes() == at::IntArrayRef({levels}),
+              "deformops: level_start_index must be [L] = [", levels, "], got ",
+              level_start_index.sizes());
+}
+
+inline MsdaSizes msda_sizes(const at::Tensor& value, const at::Tensor& sampling_locations) {
+  return {value.size(0),
+          value.size(1),
+          value.size(2),
+          value.size(3),
+          sampling_locations.size(1),
+          sampling_locations.size(3),
+          sampling_locations.size(4)};
+}
+
 }  // namespace deformops_native

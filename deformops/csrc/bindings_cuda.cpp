@@ -92,41 +92,18 @@ struct MsdaTensors {
 MsdaTensors msda_tensors(const at::Tensor& value, const at::Tensor& spatial_shapes,
                          const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
                          const at::Tensor& attention_weights) {
-  check_dim(value, 4, "value");
-  check_dim(sampling_locations, 6, "sampling_locations");
-  check_dim(attention_weights, 5, "attention_weights");
-  check_dtype(spatial_shapes, at::kLong, "spatial_shapes");
-  check_dtype(level_start_index, at::kLong, "level_start_index");
-  check_same_device(sampling_locations, value, "sampling_locations");
-  check_same_device(attention_weights, value, "attention_weights");
-  const int64_t levels = sampling_locations.size(3);
-  TORCH_CHECK(spatial_shapes.numel() == 2 * levels && level_start_index.numel() == levels,
-              "deformops: spatial_shapes must be [L, 2] and level_start_index [L] with L = ",
-              levels);
+  check_msda(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   MsdaTensors t;
   t.value = value.contiguous();
-  t.spatial_shapes = spatial_shapes.to(value.device()).contiguous();
-  t.level_start_index = level_start_index.to(value.device()).contiguous();
+  t.spatial_shapes = spatial_shapes.contiguous();
+  t.level_start_index = level_start_index.contiguous();
   t.sampling_locations = sampling_locations.contiguous();
   t.attention_weights = attention_weights.contiguous();
   gpu::MsdaInputs& in = t.inputs;
-  in.sizes = {value.size(0),
-              value.size(1),
-              value.size(2),
-              value.size(3),
-              sampling_locations.size(1),
-              levels,
-              sampling_locations.size(4)};
+  in.sizes = msda_sizes(value, sampling_locations);
   in.value_dtype = launcher_dtype(value, "value");
   in.locations_dtype = launcher_dtype(sampling_locations, "sampling_locations");
   in.weights_dtype = launcher_dtype(attention_weights, "attention_weights");
-  for (const auto& [tensor, what] :
-       {std::pair{&sampling_locations, "sampling_locations"},
-        std::pair{&attention_weights, "attention_weights"}}) {
-    TORCH_CHECK(tensor->scalar_type() == value.scalar_type() || tensor->scalar_type() == at::kFloat,
-                "deformops: ", what, " must be ", value.scalar_type(), " or float32, got ",
-                tensor->scalar_type());
-  }
   in.value = t.value.const_data_ptr();
   in.spatial_shapes = t.spatial_shapes.const_data_ptr<int64_t>();
   in.level_start_index = t.level_start_index.const_data_ptr<int64_t>();
