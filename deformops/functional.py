@@ -36,6 +36,8 @@ def _check_floating(name: str, t: object, ndim: int, expected: str) -> Tensor:
 
 
 def _check_shape(name: str, t: Tensor, expected: tuple[int, ...], description: str) -> None:
+    """Check ``t``'s shape; ``description`` is a constant (formatting sizes would make
+    ``torch.compile`` specialise them)."""
     if _shape(t) != expected:
         raise ValueError(f"{name}: expected shape {expected} {description}, got {_shape(t)}")
 
@@ -324,14 +326,14 @@ def multi_scale_deformable_attention(
         "level_start_index",
         level_start_index,
         (levels,),
-        f"[L] with L={levels} from spatial_shapes",
+        "[L] with L from spatial_shapes",
     )
     q, points = sampling_locations.shape[1], sampling_locations.shape[4]
     _check_shape(
         "sampling_locations",
         sampling_locations,
         (n, q, m, levels, points, 2),
-        f"[N, Q, M, L, P, 2] with N={n}, M={m} from value, L={levels} from spatial_shapes",
+        "[N, Q, M, L, P, 2] with N, M from value and L from spatial_shapes",
     )
     _check_shape(
         "attention_weights",
