@@ -82,12 +82,9 @@ struct Word<16> {
   using type = uint4;
 };
 
-// Loads N consecutive elements at `p` (aligned to N * sizeof(T)) in one
-// instruction through the read-only cache, widened to A.
-template <int N, typename T, typename A>
-__device__ __forceinline__ void load_vec(const T* p, A (&out)[N]) {
-  using W = typename Word<N * static_cast<int>(sizeof(T))>::type;
-  const W word = __ldg(reinterpret_cast<const W*>(p));
+// Widens the N elements of type T packed in `word` to A.
+template <int N, typename T, typename A, typename W>
+__device__ __forceinline__ void unpack_vec(const W& word, A (&out)[N]) {
   T elements[N];
   memcpy(elements, &word, sizeof(word));
 #pragma unroll
@@ -97,17 +94,19 @@ __device__ __forceinline__ void load_vec(const T* p, A (&out)[N]) {
 }
 
 // Loads N consecutive elements at `p` (aligned to N * sizeof(T)) in one
+// instruction through the read-only cache, widened to A.
+template <int N, typename T, typename A>
+__device__ __forceinline__ void load_vec(const T* p, A (&out)[N]) {
+  using W = typename Word<N * static_cast<int>(sizeof(T))>::type;
+  unpack_vec<N, T>(__ldg(reinterpret_cast<const W*>(p)), out);
+}
+
+// Loads N consecutive elements at `p` (aligned to N * sizeof(T)) in one
 // instruction, marked as streamed (read once: evicted first from L1 and L2).
 template <int N, typename T, typename A>
 __device__ __forceinline__ void load_vec_streaming(const T* p, A (&out)[N]) {
   using W = typename Word<N * static_cast<int>(sizeof(T))>::type;
-  const W word = __ldcs(reinterpret_cast<const W*>(p));
-  T elements[N];
-  memcpy(elements, &word, sizeof(word));
-#pragma unroll
-  for (int k = 0; k < N; ++k) {
-    out[k] = static_cast<A>(widen(elements[k]));
-  }
+  unpack_vec<N, T>(__ldcs(reinterpret_cast<const W*>(p)), out);
 }
 
 // Rounds N values to T and stores them at `p` (aligned to N * sizeof(T)) in one
