@@ -102,6 +102,23 @@ DEFORMOPS_UNROLL
   }
 }
 
+// The corners `c`, computed in precision C, with weights and derivatives in T:
+// a location rounded to T can fall across a pixel edge where C's does not, and the
+// location gradient jumps there, so a backward may locate in double and
+// accumulate in float.
+template <typename T, typename C>
+DEFORMOPS_HD Corners<T> corners_as(const Corners<C>& c) {
+  Corners<T> out;
+  DEFORMOPS_UNROLL
+  for (int i = 0; i < 4; ++i) {
+    out.offset[i] = c.offset[i];
+    out.weight[i] = static_cast<T>(c.weight[i]);
+    out.dweight_dy[i] = static_cast<T>(c.dweight_dy[i]);
+    out.dweight_dx[i] = static_cast<T>(c.dweight_dx[i]);
+  }
+  return out;
+}
+
 // Loads element `i` of `data` (any storage type convertible to T: float, double,
 // half and bfloat16 of either CUDA or ATen) as the accumulation type T.
 template <typename T, typename V>

@@ -16,8 +16,9 @@ namespace {
 // Calls f(i, corners, height, width) for the L*P samples of one (n, q, m), the
 // first of which is sample `first` of the flattened [N, Q, M, L, P] samples:
 // `corners` are those of the sample on its level of height x width pixels, with
-// offsets that are flat spatial indices of the value (corners outside it dropped).
-template <typename T, typename F>
+// offsets that are flat spatial indices of the value (corners outside it dropped),
+// located in precision C (see corners_as in sampling.h).
+template <typename C, typename T, typename F>
 void for_each_sample(const MsdaSizes& s, const int64_t* spatial_shapes, const int64_t* level_start,
                      const T* locations, int64_t first, F&& f) {
   for (int64_t l = 0; l < s.levels; ++l) {
@@ -25,11 +26,11 @@ void for_each_sample(const MsdaSizes& s, const int64_t* spatial_shapes, const in
     const int64_t width = spatial_shapes[2 * l + 1];
     for (int64_t p = 0; p < s.points; ++p) {
       const int64_t i = first + l * s.points + p;
-      const T x = locations[2 * i] * static_cast<T>(width) - T(0.5);
-      const T y = locations[2 * i + 1] * static_cast<T>(height) - T(0.5);
-      deformops::Corners<T> corners = deformops::bilinear_corners<T>(y, x, height, width);
+      const C x = static_cast<C>(locations[2 * i]) * static_cast<C>(width) - C(0.5);
+      const C y = static_cast<C>(locations[2 * i + 1]) * static_cast<C>(height) - C(0.5);
+      deformops::Corners<C> corners = deformops::bilinear_corners<C>(y, x, height, width);
       deformops::rebase_corners(corners, level_start[l], s.spatial);
-      f(i, corners, height, width);
+      f(i, deformops::corners_as<T>(corners), height, width);
     }
   }
 }
@@ -58,8 +59,9 @@ void msda_forward(const MsdaSizes& s, const T* value, const int64_t* spatial_sha
             sum[d] += a * deformops::bilinear_sample(value_m + d, row, corners);
           }
         };
-        for_each_sample(s, spatial_shapes, level_start, locations, (nq * s.heads + m) * samples,
-                        accumulate);
+        // The output is continuous in the location: locate in T.
+        for_each_sample<T>(s, spatial_shapes, level_start, locations,
+                           (nq * s.heads + m) * samples, accumulate);
       }
     }
   });
@@ -108,8 +110,9 @@ void msda_backward(const MsdaSizes& s, const T* grad_output, const T* value,
           grad_locations[2 * i] = a * grad_x * static_cast<T>(width);
           grad_locations[2 * i + 1] = a * grad_y * static_cast<T>(height);
         };
-        for_each_sample(s, spatial_shapes, level_start, locations, nqm * samples,
-                        sample_backward);
+        // The location gradient jumps at pixel edges: locate in double.
+        for_each_sample<double>(s, spatial_shapes, level_start, locations, nqm * samples,
+                                sample_backward);
       }
     }
   });
