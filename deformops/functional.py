@@ -195,24 +195,24 @@ class _LevelCheckCache:
     """
 
     def __init__(self) -> None:
-        self._key: tuple | None = None
+        self._refs: tuple[weakref.ref, weakref.ref] | None = None
+        self._state: tuple[int, int, int] | None = None
 
-    def _make_key(self, shapes: Tensor, starts: Tensor, s: int) -> tuple:
-        return (weakref.ref(shapes), shapes._version, weakref.ref(starts), starts._version, s)
+    @staticmethod
+    def _state_of(shapes: Tensor, starts: Tensor, s: int) -> tuple[int, int, int]:
+        return shapes._version, starts._version, s
 
     def seen(self, shapes: Tensor, starts: Tensor, s: int) -> bool:
-        key = self._key
         return (
-            key is not None
-            and key[0]() is shapes
-            and key[2]() is starts
-            and key[1] == shapes._version
-            and key[3] == starts._version
-            and key[4] == s
+            self._refs is not None
+            and self._refs[0]() is shapes
+            and self._refs[1]() is starts
+            and self._state == self._state_of(shapes, starts, s)
         )
 
     def remember(self, shapes: Tensor, starts: Tensor, s: int) -> None:
-        self._key = self._make_key(shapes, starts, s)
+        self._refs = (weakref.ref(shapes), weakref.ref(starts))
+        self._state = self._state_of(shapes, starts, s)
 
 
 _level_cache = _LevelCheckCache()

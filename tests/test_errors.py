@@ -430,3 +430,21 @@ def test_deform_attn_errors(case: str) -> None:
     args = perturb(_attn_inputs())
     with raises(ValueError, name):
         _attn()(**args)
+
+
+def test_level_tables_are_checked_again_after_an_in_place_change() -> None:
+    """A consistent (spatial_shapes, level_start_index) pair is checked once; changing
+    either in place makes the next call check it again."""
+    shapes = torch.tensor([[4, 5], [2, 3]])
+    starts = torch.tensor([0, 20])
+    value = torch.randn(1, 26, 2, 3)
+    loc = torch.rand(1, 4, 2, 2, 1, 2)
+    weights = torch.rand(1, 4, 2, 2, 1)
+    deformops.multi_scale_deformable_attention(value, shapes, starts, loc, weights)
+    starts[1] = 19
+    with pytest.raises(ValueError, match="level_start_index"):
+        deformops.multi_scale_deformable_attention(value, shapes, starts, loc, weights)
+    starts[1] = 20
+    shapes[1, 1] = 4
+    with pytest.raises(ValueError, match="value"):
+        deformops.multi_scale_deformable_attention(value, shapes, starts, loc, weights)
