@@ -12,7 +12,7 @@ Examples
 torch.Size([4, 16, 32, 64])
 """
 
-from . import nn, reference
+from . import integrations, nn, reference
 from ._version import __version__
 from .functional import deform_conv2d, multi_scale_deformable_attention
 from .ops import backend, set_backend
@@ -21,6 +21,7 @@ __all__ = [
     "__version__",
     "backend",
     "deform_conv2d",
+    "integrations",
     "multi_scale_deformable_attention",
     "nn",
     "reference",
