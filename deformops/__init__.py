@@ -1,8 +1,9 @@
 """deformops: deformable sampling operators for PyTorch.
 
-Deformable convolution (DCN v1/v2) and multi-scale deformable attention (Deformable DETR),
-drop-in compatible with ``torchvision.ops.deform_conv2d`` and Deformable DETR's operator,
-with native kernels compiled on first use.
+Deformable convolution (DCN v1/v2), deformable RoI pooling and multi-scale deformable
+attention (Deformable DETR), drop-in compatible with ``torchvision.ops.deform_conv2d``,
+mmcv's ``deform_roi_pool`` and Deformable DETR's operator, with native kernels compiled
+on first use.
 
 Examples
 --------
@@ -14,13 +15,14 @@ torch.Size([4, 16, 32, 64])
 
 from . import integrations, nn, reference
 from ._version import __version__
-from .functional import deform_conv2d, multi_scale_deformable_attention
+from .functional import deform_conv2d, deform_roi_pool, multi_scale_deformable_attention
 from .ops import backend, set_backend
 
 __all__ = [
     "__version__",
     "backend",
     "deform_conv2d",
+    "deform_roi_pool",
     "integrations",
     "multi_scale_deformable_attention",
     "nn",

@@ -6,7 +6,9 @@ both operators run in the autocast dtype:
 - ``deform_conv2d``: input, offset, weight, mask and bias are cast to the autocast dtype;
 - ``multi_scale_deformable_attention``: the value is cast to the autocast dtype, and the
   sampling locations and attention weights to float32 (they keep the precision of the
-  locations, as DESIGN.md allows beside a half-precision value).
+  locations, as DESIGN.md allows beside a half-precision value);
+- ``deform_roi_pool``: the input is cast to the autocast dtype, the RoIs and offsets to
+  float32 (box coordinates of a large image need more than half precision).
 
 A float64 main input is left alone with everything else (autocast never lowers float64).
 The casts are ordinary differentiable ``Tensor.to`` calls, so each gradient comes back in
@@ -14,8 +16,9 @@ the dtype of the tensor the caller passed (a float32 parameter gets a float32 gr
 
 The same rules serve two callers: the public functions of :mod:`deformops.functional`
 apply them before checking their arguments (which must then agree in dtype), and the
-custom operators ``torch.ops.deformops.deform_conv2d`` and
-``torch.ops.deformops.multi_scale_deformable_attention`` get them as their autocast
+custom operators ``torch.ops.deformops.deform_conv2d``,
+``torch.ops.deformops.multi_scale_deformable_attention`` and
+``torch.ops.deformops.deform_roi_pool`` get them as their autocast
 kernels (dispatch keys ``AutocastCPU`` and ``AutocastCUDA``), which run the operator with
 autocast disabled, so that the reference implementation inside does not autocast its own
 operations. ``torch.library.register_autocast`` does not fit: it casts every floating
@@ -31,7 +34,7 @@ from torch import Tensor
 
 from . import ops
 
-__all__ = ["autocast_dtype", "conv_arguments", "msda_arguments"]
+__all__ = ["autocast_dtype", "conv_arguments", "msda_arguments", "roi_pool_arguments"]
 
 _DEVICE_TYPES = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
 
@@ -114,6 +117,26 @@ def msda_arguments(value: Tensor, sampling_locations: Tensor, attention_weights:
     )
 
 
+def roi_pool_arguments(input: Tensor, rois: Tensor, offset: Tensor | None) -> tuple:
+    """The floating arguments of ``deform_roi_pool`` under autocast.
+
+    Parameters
+    ----------
+    input, rois, offset : Tensor or None
+        ``[N, C, H, W]``, ``[K, 5]``, ``[K, 2, out_h, out_w]`` or None; not checked here.
+
+    Returns
+    -------
+    tuple
+        ``(input, rois, offset)``: the input in :func:`autocast_dtype` of ``input``, the
+        RoIs and offsets in float32; all unchanged when that is None.
+    """
+    dtype = autocast_dtype(input)
+    if dtype is None:
+        return input, rois, offset
+    return _cast(input, dtype), _cast(rois, torch.float32), _cast(offset, torch.float32)
+
+
 def _conv_kernel(device_type: str) -> Callable[..., Tensor]:
     def kernel(input, offset, weight, mask, bias, *params):
         args = conv_arguments(input, offset, weight, mask, bias)
@@ -134,7 +157,17 @@ def _msda_kernel(device_type: str) -> Callable[..., Tensor]:
     return kernel
 
 
+def _roi_pool_kernel(device_type: str) -> Callable[..., Tensor]:
+    def kernel(input, rois, offset, *params):
+        args = roi_pool_arguments(input, rois, offset)
+        with torch.autocast(device_type, enabled=False):
+            return ops.deform_roi_pool(*args, *params)
+
+    return kernel
+
+
 _library = torch.library.Library("deformops", "IMPL")
 for _device_type, _key in _DEVICE_TYPES.items():
     _library.impl("deform_conv2d", _conv_kernel(_device_type), _key)
     _library.impl("multi_scale_deformable_attention", _msda_kernel(_device_type), _key)
+    _library.impl("deform_roi_pool", _roi_pool_kernel(_device_type), _key)

@@ -7,6 +7,7 @@ the argument, the shape or value it got and what was expected.
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Sequence
 
@@ -15,7 +16,7 @@ from torch import Tensor
 
 from . import _autocast, ops
 
-__all__ = ["deform_conv2d", "multi_scale_deformable_attention"]
+__all__ = ["deform_conv2d", "deform_roi_pool", "multi_scale_deformable_attention"]
 
 IntPair = int | tuple[int, int] | Sequence[int]
 
@@ -349,3 +350,116 @@ def multi_scale_deformable_attention(
         sampling_locations,
         attention_weights,
     )
+
+
+def _check_number(name: str, value: object, positive: bool = False) -> float:
+    """Check that ``value`` is a finite real number (positive when ``positive``)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise TypeError(f"{name}: expected a number, got {value!r}")
+    if not math.isfinite(value) or (positive and value <= 0):
+        kind = "positive finite" if positive else "finite"
+        raise ValueError(f"{name}: expected a {kind} number, got {value!r}")
+    return float(value)
+
+
+def _check_batch_indices(rois: Tensor, batch: int) -> None:
+    """Check that the batch indices (column 0) of ``rois`` lie in ``[0, N)``.
+
+    Skipped while compiling or capturing (see :func:`_skip_value_checks`); the kernels
+    then pool zeros for such a RoI instead of reading outside the input.
+    """
+    if _skip_value_checks(rois) or rois.shape[0] == 0:
+        return
+    index = rois[:, 0]
+    bad = ~((index >= 0) & (index < batch))
+    if bool(bad.any()):
+        shown = index[bad][:5].tolist()
+        raise ValueError(
+            f"rois: expected batch indices (column 0) in [0, N) = [0, {batch}), got {shown}"
+        )
+
+
+def deform_roi_pool(
+    input: Tensor,
+    rois: Tensor,
+    offset: Tensor | None = None,
+    output_size: IntPair = 7,
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = 0,
+    gamma: float = 0.1,
+) -> Tensor:
+    """Deformable RoI pooling (Dai et al., ICCV 2017), as mmcv's ``deform_roi_pool``.
+
+    RoI ``k = (b, x1, y1, x2, y2)`` covers the box from ``(x1*s - 0.5, y1*s - 0.5)`` to
+    ``(x2*s - 0.5, y2*s - 0.5)`` of image ``b`` (``s = spatial_scale``), split into
+    ``out_h x out_w`` bins. Bin ``(ph, pw)`` is moved by ``gamma * roi_w *
+    offset[k, 0, ph, pw]`` along x and ``gamma * roi_h * offset[k, 1, ph, pw]`` along y,
+    and averages ``g_h x g_w`` bilinear samples at the centres of its sub-cells, read with
+    RoIAlign's border rule (clamped into the map within one pixel of it, zero beyond);
+    ``g = sampling_ratio`` per side, or ``ceil(roi side / bins)`` when it is ``<= 0``.
+    Without offsets (or with zeros) this is ``torchvision.ops.roi_align(...,
+    aligned=True)``.
+
+    Parameters
+    ----------
+    input : Tensor
+        ``[N, C, H, W]``, contiguous or channels_last.
+    rois : Tensor
+        ``[K, 5]`` rows ``(batch index, x1, y1, x2, y2)`` in the coordinates of the image
+        (``input`` pixels times ``1 / spatial_scale``); batch indices in ``[0, N)``. Same
+        dtype as ``input``, or float32 with a half-precision input. No gradient.
+    offset : Tensor, optional
+        ``[K, 2, out_h, out_w]``: channel 0 moves each bin along x, channel 1 along y, in
+        units of ``gamma`` times the RoI's width and height. Same dtype as ``input``, or
+        float32 with a half-precision input.
+    output_size : int or (int, int)
+        ``(out_h, out_w)``, bins per RoI side.
+    spatial_scale : float
+        Input pixels per unit of the RoI coordinates (e.g. 1/16 on a stride-16 map).
+    sampling_ratio : int
+        Samples per bin side; ``<= 0``: ``ceil(roi_h / out_h)`` by ``ceil(roi_w / out_w)``
+        for each RoI (adaptive).
+    gamma : float
+        Scale of the offsets.
+
+    Returns
+    -------
+    Tensor
+        ``[K, C, out_h, out_w]``, contiguous, in the dtype of ``input``.
+
+    Examples
+    --------
+    >>> import torch, deformops
+    >>> x = torch.randn(2, 16, 32, 32)
+    >>> rois = torch.tensor([[0, 4.0, 4.0, 20.0, 28.0], [1, 0.0, 8.0, 31.0, 16.0]])
+    >>> offset = 0.1 * torch.randn(2, 2, 7, 7)
+    >>> deformops.deform_roi_pool(x, rois, offset, output_size=7).shape
+    torch.Size([2, 16, 7, 7])
+    """
+    input, rois, offset = _autocast.roi_pool_arguments(input, rois, offset)
+    _check_floating("input", input, 4, "[N, C, H, W]")
+    _check_floating("rois", rois, 2, "[K, 5]")
+    coordinates = (
+        (input.dtype,)
+        if input.dtype in (torch.float32, torch.float64)
+        else (input.dtype, torch.float32)
+    )
+    _check_same("rois", rois, input, "input", coordinates)
+    out_h, out_w = _pair("output_size", output_size, 1)
+    scale = _check_number("spatial_scale", spatial_scale, positive=True)
+    if not isinstance(sampling_ratio, int) or isinstance(sampling_ratio, bool):
+        raise TypeError(f"sampling_ratio: expected an int, got {sampling_ratio!r}")
+    gamma = _check_number("gamma", gamma)
+    k = rois.shape[0]
+    _check_shape("rois", rois, (k, 5), "[K, 5] rows (batch index, x1, y1, x2, y2)")
+    if offset is not None:
+        _check_floating("offset", offset, 4, "[K, 2, out_h, out_w]")
+        _check_same("offset", offset, input, "input", coordinates)
+        _check_shape(
+            "offset",
+            offset,
+            (k, 2, out_h, out_w),
+            "[K, 2, out_h, out_w] with K from rois and (out_h, out_w) = output_size",
+        )
+    _check_batch_indices(rois, input.shape[0])
+    return ops.deform_roi_pool(input, rois, offset, out_h, out_w, scale, sampling_ratio, gamma)

@@ -1,9 +1,10 @@
 """The ``torch.library`` operators of deformops: schemas, fake kernels, autograd, dispatch.
 
-Four custom operators live in the ``deformops`` namespace:
+Six custom operators live in the ``deformops`` namespace:
 
 - ``deformops::deform_conv2d`` and ``deformops::deform_conv2d_backward``
 - ``deformops::multi_scale_deformable_attention`` and its ``_backward``
+- ``deformops::deform_roi_pool`` and ``deformops::deform_roi_pool_backward``
 
 Each forward has a fake (meta) kernel, so ``torch.compile`` and ``torch.export`` trace it
 without running it, and a registered autograd formula that calls the backward operator.
@@ -77,6 +78,7 @@ def set_backend(name: BackendName | None) -> None:
 _NATIVE_OPS = {
     "deform_conv2d": "deform_conv2d_forward",
     "multi_scale_deformable_attention": "msda_forward",
+    "deform_roi_pool": "deform_roi_pool_forward",
 }
 
 
@@ -107,7 +109,8 @@ def _use_native(op: str, device_type: str) -> bool:
 
 def backend(
     device: str | torch.device = "cpu",
-    op: Literal["deform_conv2d", "multi_scale_deformable_attention"] | None = None,
+    op: Literal["deform_conv2d", "multi_scale_deformable_attention", "deform_roi_pool"]
+    | None = None,
 ) -> BackendName:
     """The implementation that runs an operator on a device.
 
@@ -118,8 +121,9 @@ def backend(
     device : str or torch.device
         Device on which the operator would run.
     op : str, optional
-        ``"deform_conv2d"`` or ``"multi_scale_deformable_attention"``; by default, the
-        backend of the first (``"native"`` only if every operator has a native kernel).
+        ``"deform_conv2d"``, ``"multi_scale_deformable_attention"`` or
+        ``"deform_roi_pool"``; by default, the backend of the first (``"native"`` only if
+        every operator has a native kernel).
 
     Returns
     -------
@@ -316,6 +320,91 @@ multi_scale_deformable_attention.register_autograd(
 
 
 # ----------------------------------------------------------------------------------------
+# Deformable RoI pooling
+
+
+@torch.library.custom_op("deformops::deform_roi_pool", mutates_args=())
+def deform_roi_pool(
+    input: Tensor,
+    rois: Tensor,
+    offset: Tensor | None,
+    pooled_height: int,
+    pooled_width: int,
+    spatial_scale: float,
+    sampling_ratio: int,
+    gamma: float,
+) -> Tensor:
+    """Deformable RoI pooling on validated arguments (see :func:`deformops.deform_roi_pool`)."""
+    params = (pooled_height, pooled_width, spatial_scale, sampling_ratio, gamma)
+    if _use_native("deform_roi_pool", input.device.type):
+        return _native().deform_roi_pool_forward(input, rois, offset, *params)
+    return reference.deform_roi_pool(
+        input, rois, offset, (pooled_height, pooled_width), spatial_scale, sampling_ratio, gamma
+    )
+
+
+@deform_roi_pool.register_fake
+def _deform_roi_pool_fake(input, rois, offset, pooled_height, pooled_width, *params):
+    return input.new_empty((rois.shape[0], input.shape[1], pooled_height, pooled_width))
+
+
+@torch.library.custom_op("deformops::deform_roi_pool_backward", mutates_args=())
+def deform_roi_pool_backward(
+    grad_output: Tensor,
+    input: Tensor,
+    rois: Tensor,
+    offset: Tensor | None,
+    pooled_height: int,
+    pooled_width: int,
+    spatial_scale: float,
+    sampling_ratio: int,
+    gamma: float,
+) -> tuple[Tensor, Tensor]:
+    """Gradients ``(input, offset)`` of the deformable RoI pooling.
+
+    ``grad_offset`` is an empty tensor when ``offset`` is None; ``grad_input`` has the
+    memory format of ``input``.
+    """
+    params = (pooled_height, pooled_width, spatial_scale, sampling_ratio, gamma)
+    if _use_native("deform_roi_pool", input.device.type):
+        return tuple(_native().deform_roi_pool_backward(grad_output, input, rois, offset, *params))
+    gi, go = reference.deform_roi_pool_backward(
+        grad_output,
+        input,
+        rois,
+        offset,
+        (pooled_height, pooled_width),
+        spatial_scale,
+        sampling_ratio,
+        gamma,
+    )
+    return gi, input.new_empty(0) if go is None else go
+
+
+@deform_roi_pool_backward.register_fake
+def _deform_roi_pool_backward_fake(grad_output, input, rois, offset, *params):
+    grad_offset = input.new_empty(0) if offset is None else torch.empty_like(offset)
+    return torch.empty_like(input), grad_offset
+
+
+def _deform_roi_pool_setup_context(ctx, inputs, output):
+    input, rois, offset, *params = inputs
+    ctx.save_for_backward(input, rois, offset)
+    ctx.params = params
+
+
+def _deform_roi_pool_autograd(ctx, grad_output):
+    input, rois, offset = ctx.saved_tensors
+    gi, go = deform_roi_pool_backward(grad_output, input, rois, offset, *ctx.params)
+    return (gi, None, None if offset is None else go) + (None,) * len(ctx.params)
+
+
+deform_roi_pool.register_autograd(
+    _deform_roi_pool_autograd, setup_context=_deform_roi_pool_setup_context
+)
+
+
+# ----------------------------------------------------------------------------------------
 # The backward operators have no derivative of their own.
 
 
@@ -330,5 +419,9 @@ def _no_context(ctx, inputs, output):
     return None
 
 
-for _backward_op in (deform_conv2d_backward, multi_scale_deformable_attention_backward):
+for _backward_op in (
+    deform_conv2d_backward,
+    multi_scale_deformable_attention_backward,
+    deform_roi_pool_backward,
+):
     _backward_op.register_autograd(_no_double_backward, setup_context=_no_context)

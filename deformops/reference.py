@@ -1,4 +1,4 @@
-"""Pure-PyTorch implementation of both operators: the numerical specification.
+"""Pure-PyTorch implementation of the operators: the numerical specification.
 
 Every function here runs on any device and in any floating dtype, is differentiable by
 autograd, and follows the operator contracts exactly (see the operator pages). Half-precision inputs are
@@ -6,9 +6,10 @@ computed in float32 and the results cast back, so that reductions accumulate in 
 
 The sampling is written with vectorised gathers of the four bilinear corners (no Python
 loop over pixels, kernel points or sampling points). Work is split into chunks (over the
-batch for the convolution, over queries for the attention) so that at most one buffer of
-the size (output pixels x kernel points x channels) of one chunk is alive at a time, and a
-chunk holds at most :data:`CHUNK_ELEMENTS` such elements.
+batch for the convolution, over queries for the attention, over RoIs and their samples for
+the RoI pooling) so that at most one buffer of the size (output pixels x kernel points x
+channels) of one chunk is alive at a time, and a chunk holds at most
+:data:`CHUNK_ELEMENTS` such elements.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ __all__ = [
     "CHUNK_ELEMENTS",
     "deform_conv2d",
     "deform_conv2d_backward",
+    "deform_roi_pool",
+    "deform_roi_pool_backward",
     "memory_format_of",
     "multi_scale_deformable_attention",
     "multi_scale_deformable_attention_backward",
@@ -392,4 +395,249 @@ def multi_scale_deformable_attention_backward(
         grad_value.to(value.dtype),
         grad_loc.to(sampling_locations.dtype),
         grad_attn.to(attention_weights.dtype),
+    )
+
+
+def _roi_grid(
+    rois: Tensor,
+    output_size: tuple[int, int],
+    spatial_scale: float,
+    sampling_ratio: int,
+    batch: int,
+    height: int,
+    width: int,
+) -> dict[str, Tensor]:
+    """The sampling grid of each RoI (``roi_pool.h``): ``[K]`` tensors.
+
+    ``start_y, start_x`` (top-left corner in input pixels), ``height, width`` (RoI size),
+    ``bin_h, bin_w``, ``grid_h, grid_w`` (samples per bin side, int64, 0 for a skipped
+    RoI), ``count`` (samples per bin, at least 1) and ``batch`` (int64, 0 for a skipped
+    RoI). A RoI is skipped (its bins are zero) when its batch index is not in ``[0, N)``,
+    its coordinates are not finite, or the map is empty.
+    """
+    scaled = rois[:, 1:] * spatial_scale - 0.5
+    start_x, start_y, end_x, end_y = scaled.unbind(1)
+    roi_w = end_x - start_x
+    roi_h = end_y - start_y
+    index = rois[:, 0]
+    valid = (index >= 0) & (index < batch) & torch.isfinite(roi_h) & torch.isfinite(roi_w)
+    valid &= height > 0 and width > 0
+
+    def samples(extent: Tensor, bins: int) -> Tensor:
+        if sampling_ratio > 0:
+            per_side = torch.full_like(extent, sampling_ratio)
+        else:
+            per_side = torch.ceil(extent / bins).clamp(0, 1 << 30)
+        return torch.where(valid, per_side, torch.zeros_like(per_side)).long()
+
+    grid_h = samples(roi_h, output_size[0])
+    grid_w = samples(roi_w, output_size[1])
+    return {
+        "start_y": start_y,
+        "start_x": start_x,
+        "height": roi_h,
+        "width": roi_w,
+        "bin_h": roi_h / output_size[0],
+        "bin_w": roi_w / output_size[1],
+        "grid_h": grid_h,
+        "grid_w": grid_w,
+        "count": (grid_h * grid_w).clamp_min(1).to(rois.dtype),
+        "batch": torch.where(valid, index, torch.zeros_like(index)).long(),
+    }
+
+
+def _roi_align_coordinate(v: Tensor, size: int) -> Tensor:
+    """RoIAlign's border rule along one axis: ``v`` moved into ``[0, size - 1]``, with a
+    gradient only where it is not moved (``0 <= v < size - 1``), as ``sampling.h``."""
+    free = (v >= 0) & (v < size - 1)
+    return torch.where(free, v, torch.where(v < 0, 0.0, float(size - 1)).to(v.dtype))
+
+
+def _roi_pool_chunk(
+    values: Tensor,
+    shape: tuple[int, int, int],
+    rois: Tensor,
+    offset: Tensor | None,
+    output_size: tuple[int, int],
+    spatial_scale: float,
+    sampling_ratio: int,
+    gamma: float,
+) -> Tensor:
+    """Deformable RoI pooling of one chunk of RoIs, ``[k, C, out_h, out_w]``.
+
+    ``values`` is the input as ``[N*H*W, C]`` in the compute dtype, ``shape`` its
+    ``(N, H, W)``; ``rois`` and ``offset`` are in the compute dtype.
+    """
+    batch, height, width = shape
+    channels = values.shape[1]
+    k = rois.shape[0]
+    oh, ow = output_size
+    grid = _roi_grid(rois, output_size, spatial_scale, sampling_ratio, batch, height, width)
+    out = values.new_zeros(k, oh, ow, channels)
+    if k == 0 or height * width == 0:
+        return out.permute(0, 3, 1, 2)
+    gh, gw = int(grid["grid_h"].max()), int(grid["grid_w"].max())
+    dev, dt = values.device, values.dtype
+
+    def per_roi(name: str) -> Tensor:
+        return grid[name].view(k, 1, 1, 1)
+
+    start_y, start_x = per_roi("start_y"), per_roi("start_x")
+    if offset is not None:
+        start_y = start_y + (gamma * per_roi("height")) * offset[:, 1, :, :, None]
+        start_x = start_x + (gamma * per_roi("width")) * offset[:, 0, :, :, None]
+    ph = torch.arange(oh, device=dev, dtype=dt).view(1, oh, 1, 1)
+    pw = torch.arange(ow, device=dev, dtype=dt).view(1, 1, ow, 1)
+    image = (per_roi("batch") * (height * width)).view(k, 1)
+    for part in _chunks(gh * gw, k * oh * ow * channels):
+        sample = torch.arange(part.start, part.stop, device=dev)
+        iy, ix = (sample // gw).view(1, 1, 1, -1), (sample % gw).view(1, 1, 1, -1)
+        used = (iy < per_roi("grid_h")) & (ix < per_roi("grid_w"))
+        grid_h = per_roi("grid_h").clamp_min(1).to(dt)
+        grid_w = per_roi("grid_w").clamp_min(1).to(dt)
+        y = start_y + ph * per_roi("bin_h") + (iy.to(dt) + 0.5) * per_roi("bin_h") / grid_h
+        x = start_x + pw * per_roi("bin_w") + (ix.to(dt) + 0.5) * per_roi("bin_w") / grid_w
+        y, x = torch.broadcast_tensors(y, x)  # [k, out_h, out_w, samples of the chunk]
+        used = used & (y >= -1) & (y <= height) & (x >= -1) & (x <= width)
+        y = _roi_align_coordinate(y, height)
+        x = _roi_align_coordinate(x, width)
+        samples = y.shape[1:].numel()
+        for index, weight in _bilinear_corners(y, x, float(height), float(width)):
+            flat = (image + index.reshape(k, samples)).reshape(-1)
+            gathered = values.index_select(0, flat).view(k, oh, ow, -1, channels)
+            coeff = (weight * used).view(k, oh, ow, -1, 1)
+            out = out + (gathered * coeff).sum(3)
+    out = out / grid["count"].view(k, 1, 1, 1)
+    return out.permute(0, 3, 1, 2)
+
+
+def _roi_values(input: Tensor, cdt: torch.dtype) -> Tensor:
+    """The input ``[N, C, H, W]`` as ``[N*H*W, C]`` rows of channels, in ``cdt``."""
+    return input.to(cdt).permute(0, 2, 3, 1).reshape(-1, input.shape[1])
+
+
+def _roi_chunks(
+    input: Tensor,
+    rois: Tensor,
+    output_size: tuple[int, int],
+    spatial_scale: float,
+    sampling_ratio: int,
+) -> list[slice]:
+    """Chunks of RoIs whose samples (bins x channels x the most samples of a bin of any
+    RoI) fit in :data:`CHUNK_ELEMENTS`; a chunk of one RoI may still have to split its
+    samples (``_roi_pool_chunk`` does)."""
+    n, c, h, w = input.shape
+    grid = _roi_grid(rois, output_size, spatial_scale, sampling_ratio, n, h, w)
+    most = int((grid["grid_h"] * grid["grid_w"]).max()) if rois.shape[0] else 0
+    return _chunks(rois.shape[0], c * output_size[0] * output_size[1] * max(1, most))
+
+
+def deform_roi_pool(
+    input: Tensor,
+    rois: Tensor,
+    offset: Tensor | None,
+    output_size: tuple[int, int],
+    spatial_scale: float,
+    sampling_ratio: int,
+    gamma: float,
+) -> Tensor:
+    """Deformable RoI pooling (mmcv's ``DeformRoIPool``), in pure PyTorch.
+
+    Arguments are already validated (see :func:`deformops.deform_roi_pool` for the
+    contract); ``output_size`` is a pair.
+
+    Parameters
+    ----------
+    input : Tensor
+        ``[N, C, H, W]``.
+    rois : Tensor
+        ``[K, 5]`` rows ``(batch index, x1, y1, x2, y2)``; a RoI whose batch index is not
+        in ``[0, N)`` pools zeros.
+    offset : Tensor or None
+        ``[K, 2, out_h, out_w]``: channel 0 moves the bins along x, channel 1 along y, in
+        units of ``gamma`` times the RoI's width and height.
+    output_size : tuple of int
+        ``(out_h, out_w)``.
+    spatial_scale : float
+        Input pixels per RoI coordinate unit.
+    sampling_ratio : int
+        Samples per bin side; ``<= 0``: ``ceil(RoI side / bins)`` for each RoI.
+    gamma : float
+        Scale of the offsets.
+
+    Returns
+    -------
+    Tensor
+        ``[K, C, out_h, out_w]``, contiguous, in the dtype of ``input``.
+    """
+    cdt = _compute_dtype(input.dtype)
+    n, c, h, w = input.shape
+    values = _roi_values(input, cdt)
+    r = rois.to(cdt)
+    o = None if offset is None else offset.to(cdt)
+    parts = _roi_chunks(input, r, output_size, spatial_scale, sampling_ratio)
+    outs = [
+        _roi_pool_chunk(
+            values,
+            (n, h, w),
+            r[part],
+            None if o is None else o[part],
+            output_size,
+            spatial_scale,
+            sampling_ratio,
+            gamma,
+        )
+        for part in parts
+    ]
+    out = torch.cat(outs) if outs else input.new_zeros(0, c, *output_size, dtype=cdt)
+    return out.to(input.dtype).contiguous()
+
+
+def deform_roi_pool_backward(
+    grad_output: Tensor,
+    input: Tensor,
+    rois: Tensor,
+    offset: Tensor | None,
+    output_size: tuple[int, int],
+    spatial_scale: float,
+    sampling_ratio: int,
+    gamma: float,
+) -> tuple[Tensor, Tensor | None]:
+    """Gradients of :func:`deform_roi_pool` by recomputation, chunk by chunk of RoIs.
+
+    Returns
+    -------
+    tuple
+        ``(grad_input, grad_offset)``: ``grad_input`` in the dtype and memory format of
+        ``input``, ``grad_offset`` in the dtype of ``offset`` (None when ``offset`` is None).
+    """
+    cdt = _compute_dtype(input.dtype)
+    n, c, h, w = input.shape
+    r = rois.detach().to(cdt)
+    grad_values = torch.zeros(n * h * w, c, dtype=cdt, device=input.device)
+    grad_offset = None if offset is None else torch.zeros_like(offset, dtype=cdt)
+    values = _roi_values(input.detach(), cdt).detach()
+    for part in _roi_chunks(input, r, output_size, spatial_scale, sampling_ratio):
+        with _recording_autograd():
+            leaves = [values.requires_grad_()]
+            if offset is not None:
+                leaves.append(offset[part].detach().to(cdt).requires_grad_())
+            out = _roi_pool_chunk(
+                leaves[0],
+                (n, h, w),
+                r[part],
+                leaves[1] if offset is not None else None,
+                output_size,
+                spatial_scale,
+                sampling_ratio,
+                gamma,
+            )
+            grads = torch.autograd.grad(out, leaves, grad_output[part].to(cdt))
+        grad_values += grads[0]
+        if grad_offset is not None:
+            grad_offset[part] = grads[1]
+    grad_input = grad_values.view(n, h, w, c).permute(0, 3, 1, 2).to(input.dtype)
+    return (
+        grad_input.contiguous(memory_format=memory_format_of(input)),
+        None if grad_offset is None else grad_offset.to(offset.dtype),
     )

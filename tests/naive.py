@@ -315,3 +315,111 @@ def flatten_levels(maps: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     sizes = [int(h) * int(w) for h, w in shapes.tolist()]
     starts = torch.tensor([sum(sizes[:i]) for i in range(len(sizes))], dtype=torch.int64)
     return value, shapes, starts
+
+
+def _roi_align_sample(feature: Tensor, y: Tensor, x: Tensor) -> Tensor:
+    """RoIAlign's bilinear sample of ``feature`` ``[C, H, W]`` at ``(y, x)`` (any shape).
+
+    Written after torchvision's ``roi_align`` kernel: a point with ``y < -1``, ``y > H``,
+    ``x < -1`` or ``x > W`` reads 0; otherwise ``y < 0`` reads row 0, a point whose row
+    ``floor(y)`` is ``H - 1`` or more reads row ``H - 1`` (columns alike), and the value is
+    interpolated between rows ``y_low`` and ``y_high = min(y_low + 1, H - 1)``. A moved
+    coordinate is a constant (zero derivative); others have the floor split's right
+    derivative.
+    """
+    c, h, w = feature.shape
+    inside = (y >= -1) & (y <= h) & (x >= -1) & (x <= w)
+    y = torch.where(y < 0, torch.zeros_like(y), y)
+    x = torch.where(x < 0, torch.zeros_like(x), x)
+    y_low = torch.floor(y).detach()
+    x_low = torch.floor(x).detach()
+    y_last = y_low >= h - 1
+    x_last = x_low >= w - 1
+    y = torch.where(y_last, torch.full_like(y, h - 1), y)
+    x = torch.where(x_last, torch.full_like(x, w - 1), x)
+    y_low = torch.where(y_last, torch.full_like(y_low, h - 1), y_low)
+    x_low = torch.where(x_last, torch.full_like(x_low, w - 1), x_low)
+    y_high = torch.where(y_last, y_low, y_low + 1)
+    x_high = torch.where(x_last, x_low, x_low + 1)
+    ly = y - y_low
+    lx = x - x_low
+    flat = feature.reshape(c, h * w)
+
+    def at(row: Tensor, col: Tensor) -> Tensor:
+        index = (row * w + col).long().reshape(-1)
+        return flat[:, index].reshape(c, *row.shape)
+
+    value = (
+        at(y_low, x_low) * ((1 - ly) * (1 - lx))
+        + at(y_low, x_high) * ((1 - ly) * lx)
+        + at(y_high, x_low) * (ly * (1 - lx))
+        + at(y_high, x_high) * (ly * lx)
+    )
+    return value * inside
+
+
+def deform_roi_pool(
+    input: Tensor,
+    rois: Tensor,
+    offset: Tensor | None = None,
+    output_size: Pair = 7,
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = 0,
+    gamma: float = 0.1,
+) -> Tensor:
+    """Deformable RoI pooling (mmcv's ``DeformRoIPool`` contract), float64, one RoI at a time.
+
+    RoI ``(b, x1, y1, x2, y2)`` covers ``[x1*s - 0.5, x2*s - 0.5] x [y1*s - 0.5, y2*s - 0.5]``
+    (``s`` the spatial scale), split into ``out_h x out_w`` bins; bin ``(ph, pw)`` is moved
+    by ``gamma * (roi_w * offset[k, 0, ph, pw], roi_h * offset[k, 1, ph, pw])`` and averages
+    ``g_h x g_w`` RoIAlign samples at the centres of its sub-cells, where ``g`` is
+    ``sampling_ratio`` or ``ceil(roi side / bins)``. A RoI with a batch index outside
+    ``[0, N)`` pools zeros.
+
+    Parameters
+    ----------
+    input : Tensor
+        ``[N, C, H, W]``.
+    rois : Tensor
+        ``[K, 5]``.
+    offset : Tensor, optional
+        ``[K, 2, out_h, out_w]``.
+    output_size : int or (int, int)
+    spatial_scale, sampling_ratio, gamma : as in ``deformops.deform_roi_pool``.
+
+    Returns
+    -------
+    Tensor
+        ``[K, C, out_h, out_w]``.
+    """
+    _check_float64(input=input, rois=rois, offset=offset)
+    oh, ow = _pair(output_size)
+    n, c, h, w = input.shape
+    outputs = []
+    for k in range(rois.shape[0]):
+        b = float(rois[k, 0])
+        x1, y1, x2, y2 = (float(v) * spatial_scale - 0.5 for v in rois[k, 1:])
+        roi_w, roi_h = x2 - x1, y2 - y1
+        g_h = sampling_ratio if sampling_ratio > 0 else max(0, math.ceil(roi_h / oh))
+        g_w = sampling_ratio if sampling_ratio > 0 else max(0, math.ceil(roi_w / ow))
+        if not 0 <= b < n or h * w == 0 or g_h * g_w == 0:
+            outputs.append(input.new_zeros(c, oh, ow))
+            continue
+        bin_h, bin_w = roi_h / oh, roi_w / ow
+        start_y = torch.full((oh, ow), y1, dtype=torch.float64)
+        start_x = torch.full((oh, ow), x1, dtype=torch.float64)
+        if offset is not None:
+            start_y = start_y + gamma * roi_h * offset[k, 1]
+            start_x = start_x + gamma * roi_w * offset[k, 0]
+        ph = torch.arange(oh, dtype=torch.float64)[:, None, None, None]
+        pw = torch.arange(ow, dtype=torch.float64)[None, :, None, None]
+        iy = torch.arange(g_h, dtype=torch.float64)[None, None, :, None]
+        ix = torch.arange(g_w, dtype=torch.float64)[None, None, None, :]
+        y = start_y[:, :, None, None] + ph * bin_h + (iy + 0.5) * bin_h / g_h
+        x = start_x[:, :, None, None] + pw * bin_w + (ix + 0.5) * bin_w / g_w
+        y, x = torch.broadcast_tensors(y, x)
+        samples = _roi_align_sample(input[int(b)], y, x)  # [C, oh, ow, g_h, g_w]
+        outputs.append(samples.sum((-2, -1)) / (g_h * g_w))
+    if not outputs:
+        return input.new_zeros(0, c, oh, ow)
+    return torch.stack(outputs)

@@ -36,9 +36,9 @@ struct Corners {
   T dweight_dx[4];
 };
 
-// Computes the corners of the sample at (y, x) on an h x w map.
+// The corners of a sample that reads nothing: zero weights and derivatives.
 template <typename T>
-DEFORMOPS_HD Corners<T> bilinear_corners(T y, T x, int64_t h, int64_t w) {
+DEFORMOPS_HD Corners<T> empty_corners() {
   Corners<T> c;
 DEFORMOPS_UNROLL
   for (int i = 0; i < 4; ++i) {
@@ -47,6 +47,13 @@ DEFORMOPS_UNROLL
     c.dweight_dy[i] = T(0);
     c.dweight_dx[i] = T(0);
   }
+  return c;
+}
+
+// Computes the corners of the sample at (y, x) on an h x w map.
+template <typename T>
+DEFORMOPS_HD Corners<T> bilinear_corners(T y, T x, int64_t h, int64_t w) {
+  Corners<T> c = empty_corners<T>();
   // Negated test so that NaN fails it.
   if (!(y > T(-1) && x > T(-1) && y < static_cast<T>(h) && x < static_cast<T>(w))) {
     return c;
@@ -77,6 +84,36 @@ DEFORMOPS_UNROLL
         c.dweight_dx[i] = wy[a] * sx[b];
       }
     }
+  }
+  return c;
+}
+
+// The corners of the sample at (y, x) under RoIAlign's border rule (torchvision's
+// roi_align, mmcv's RoI operators) in place of zero padding: a location with
+// -1 <= y <= h and -1 <= x <= w is moved to the nearest point of the pixel
+// centres' box [0, h-1] x [0, w-1] and sampled there (bilinear_corners); a
+// location outside that band, or not finite, or on an empty map, samples zero.
+// The location derivatives are those of the moved sample, from the right: zero
+// along a coordinate that is moved (y < 0 or y >= h-1; x likewise), the bilinear
+// ones otherwise.
+template <typename T>
+DEFORMOPS_HD Corners<T> roi_align_corners(T y, T x, int64_t h, int64_t w) {
+  // Negated test so that NaN fails it.
+  if (!(y >= T(-1) && x >= T(-1) && y <= static_cast<T>(h) && x <= static_cast<T>(w)) ||
+      h <= 0 || w <= 0) {
+    return empty_corners<T>();
+  }
+  const T last_y = static_cast<T>(h - 1);
+  const T last_x = static_cast<T>(w - 1);
+  const bool free_y = y >= T(0) && y < last_y;
+  const bool free_x = x >= T(0) && x < last_x;
+  const T cy = free_y ? y : (y < T(0) ? T(0) : last_y);
+  const T cx = free_x ? x : (x < T(0) ? T(0) : last_x);
+  Corners<T> c = bilinear_corners<T>(cy, cx, h, w);
+DEFORMOPS_UNROLL
+  for (int i = 0; i < 4; ++i) {
+    c.dweight_dy[i] = free_y ? c.dweight_dy[i] : T(0);
+    c.dweight_dx[i] = free_x ? c.dweight_dx[i] : T(0);
   }
   return c;
 }

@@ -32,6 +32,18 @@ struct ConvSizes {
   int64_t offset_groups;
 };
 
+// Sizes and parameters of a deformable RoI pooling: input [N, C, H, W], rois
+// [K, 5] rows (batch index, x1, y1, x2, y2), offset [K, 2, out_h, out_w] and
+// output [K, C, out_h, out_w].
+struct RoiPoolSizes {
+  int64_t batch, channels, height, width;
+  int64_t rois;  // K
+  int64_t out_height, out_width;
+  int64_t sampling_ratio;  // samples per bin side; <= 0: ceil(RoI side / bins)
+  double spatial_scale;    // input coordinates per RoI coordinate
+  double gamma;            // scale of the offsets
+};
+
 // A chunk of the convolution: the output rows [row_begin, row_end) of the
 // flattened (n, h_out) rows, that is P = (row_end - row_begin) * W_out output
 // pixels p = (row - row_begin) * W_out + w_out.
