@@ -177,6 +177,68 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv2d_backwar
                                              stride_w, pad_h, pad_w, dilation_h, dilation_w);
 }
 
+// ---------------------------------------------------------------------------
+// Deformable RoI pooling
+
+// `t` (rois or offset) in the compute type, contiguous; undefined when absent.
+at::Tensor roi_pool_operand(const std::optional<at::Tensor>& t, at::ScalarType dtype) {
+  return t.has_value() && t->defined() ? as_layout(*t, dtype) : at::Tensor();
+}
+
+template <typename T>
+const T* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+at::Tensor deform_roi_pool_forward(const at::Tensor& input, const at::Tensor& rois,
+                                   const std::optional<at::Tensor>& offset, int64_t pooled_height,
+                                   int64_t pooled_width, double spatial_scale,
+                                   int64_t sampling_ratio, double gamma) {
+  const RoiPoolSizes s = roi_pool_sizes(input, rois, offset, pooled_height, pooled_width,
+                                        spatial_scale, sampling_ratio, gamma);
+  at::Tensor output;
+  dispatch_compute_type(input.scalar_type(), "input", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const at::ScalarType dtype = scalar_type_of<T>();
+    const at::Tensor x = as_layout(input, dtype, at::MemoryFormat::ChannelsLast);
+    const at::Tensor r = as_layout(rois, dtype);
+    const at::Tensor o = roi_pool_operand(offset, dtype);
+    const at::Tensor out = at::empty({s.rois, s.channels, s.out_height, s.out_width}, r.options());
+    cpu::deform_roi_pool_forward<T>(s, x.const_data_ptr<T>(), r.const_data_ptr<T>(),
+                                    data_or_null<T>(o), out.mutable_data_ptr<T>());
+    output = out.to(input.scalar_type());
+  });
+  return output;
+}
+
+std::tuple<at::Tensor, at::Tensor> deform_roi_pool_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& rois,
+    const std::optional<at::Tensor>& offset, int64_t pooled_height, int64_t pooled_width,
+    double spatial_scale, int64_t sampling_ratio, double gamma) {
+  const RoiPoolSizes s = roi_pool_sizes(input, rois, offset, pooled_height, pooled_width,
+                                        spatial_scale, sampling_ratio, gamma);
+  check_roi_pool_grad(grad_output, s, input);
+  std::tuple<at::Tensor, at::Tensor> grads;
+  dispatch_compute_type(input.scalar_type(), "input", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const at::ScalarType dtype = scalar_type_of<T>();
+    const at::Tensor x = as_layout(input, dtype, at::MemoryFormat::ChannelsLast);
+    const at::Tensor r = as_layout(rois, dtype);
+    const at::Tensor o = roi_pool_operand(offset, dtype);
+    // [K, out_h, out_w, C]: the channels of a bin contiguous.
+    const at::Tensor grad = as_layout(grad_output.permute({0, 2, 3, 1}), dtype);
+    const at::Tensor grad_x = at::zeros_like(x);
+    const at::Tensor grad_o = o.defined() ? at::empty_like(o) : at::Tensor();
+    cpu::deform_roi_pool_backward<T>(s, grad.const_data_ptr<T>(), x.const_data_ptr<T>(),
+                                     r.const_data_ptr<T>(), data_or_null<T>(o),
+                                     grad_x.mutable_data_ptr<T>(),
+                                     grad_o.defined() ? grad_o.mutable_data_ptr<T>() : nullptr);
+    grads = {grad_x.to(input.scalar_type()).contiguous(output_memory_format(input)),
+             grad_o.defined() ? grad_o.to(offset->scalar_type()) : at::empty({0}, input.options())};
+  });
+  return grads;
+}
+
 }  // namespace
 }  // namespace deformops_native
 
@@ -196,6 +258,13 @@ TORCH_LIBRARY(deformops_native, m) {
       "deform_conv2d_backward(Tensor grad_output, Tensor input, Tensor offset, Tensor weight, "
       "Tensor? mask, int stride_h, int stride_w, int pad_h, int pad_w, int dilation_h, "
       "int dilation_w) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "deform_roi_pool_forward(Tensor input, Tensor rois, Tensor? offset, int pooled_height, "
+      "int pooled_width, float spatial_scale, int sampling_ratio, float gamma) -> Tensor");
+  m.def(
+      "deform_roi_pool_backward(Tensor grad_output, Tensor input, Tensor rois, Tensor? offset, "
+      "int pooled_height, int pooled_width, float spatial_scale, int sampling_ratio, "
+      "float gamma) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(deformops_native, CPU, m) {
@@ -203,4 +272,6 @@ TORCH_LIBRARY_IMPL(deformops_native, CPU, m) {
   m.impl("msda_backward", &deformops_native::msda_backward);
   m.impl("deform_conv2d_forward", &deformops_native::deform_conv2d_forward);
   m.impl("deform_conv2d_backward", &deformops_native::deform_conv2d_backward);
+  m.impl("deform_roi_pool_forward", &deformops_native::deform_roi_pool_forward);
+  m.impl("deform_roi_pool_backward", &deformops_native::deform_roi_pool_backward);
 }

@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 
+#include <array>
 #include <optional>
 #include <utility>
 
@@ -16,6 +17,7 @@ namespace deformops_native {
 using deformops::ConvChunk;
 using deformops::ConvSizes;
 using deformops::MsdaSizes;
+using deformops::RoiPoolSizes;
 
 // Carries a C++ element type through a generic lambda: `[&](auto tag) { using T =
 // typename decltype(tag)::type; ... }`.
@@ -159,6 +161,47 @@ inline MsdaSizes msda_sizes(const at::Tensor& value, const at::Tensor& sampling_
           sampling_locations.size(1),
           sampling_locations.size(3),
           sampling_locations.size(4)};
+}
+
+// Checks the arguments of the deformable RoI pooling (input [N, C, H, W], rois
+// [K, 5], offset [K, 2, out_h, out_w] or absent; rois and offset in the input's
+// dtype or float32) on every device, and returns its sizes. The batch indices
+// are not checked here (that reads them): the kernels skip a RoI whose index is
+// outside [0, N).
+inline RoiPoolSizes roi_pool_sizes(const at::Tensor& input, const at::Tensor& rois,
+                                   const std::optional<at::Tensor>& offset,
+                                   int64_t pooled_height, int64_t pooled_width,
+                                   double spatial_scale, int64_t sampling_ratio, double gamma) {
+  check_dim(input, 4, "input");
+  check_dim(rois, 2, "rois");
+  check_dtype_or_float(rois, input.scalar_type(), "rois");
+  check_same_device(rois, input, "rois");
+  TORCH_CHECK(pooled_height > 0 && pooled_width > 0,
+              "deformops: the output size must be positive, got (", pooled_height, ", ",
+              pooled_width, ")");
+  const int64_t k = rois.size(0);
+  TORCH_CHECK(rois.size(1) == 5, "deformops: rois must be [K, 5], got ", rois.sizes());
+  if (offset.has_value() && offset->defined()) {
+    check_dtype_or_float(*offset, input.scalar_type(), "offset");
+    check_same_device(*offset, input, "offset");
+    TORCH_CHECK(offset->sizes() == at::IntArrayRef({k, 2, pooled_height, pooled_width}),
+                "deformops: offset must be [K, 2, out_h, out_w] = ",
+                at::IntArrayRef({k, 2, pooled_height, pooled_width}), ", got ", offset->sizes());
+  }
+  return {input.size(0), input.size(1), input.size(2), input.size(3), k,
+          pooled_height, pooled_width, sampling_ratio, spatial_scale, gamma};
+}
+
+// Checks the output gradient of the deformable RoI pooling: [K, C, out_h, out_w]
+// in the input's dtype, on its device.
+inline void check_roi_pool_grad(const at::Tensor& grad_output, const RoiPoolSizes& s,
+                                const at::Tensor& input) {
+  const std::array<int64_t, 4> expected{s.rois, s.channels, s.out_height, s.out_width};
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(expected),
+              "deformops: grad_output must be [K, C, out_h, out_w] = ", at::IntArrayRef(expected),
+              ", got ", grad_output.sizes());
+  check_dtype(grad_output, input.scalar_type(), "grad_output");
+  check_same_device(grad_output, input, "grad_output");
 }
 
 }  // namespace deformops_native

@@ -1,4 +1,4 @@
-// CPU kernels of deformops: the bilinear sampling loops of both operators on raw
+// CPU kernels of deformops: the bilinear sampling loops of the operators on raw
 // pointers, parallel with at::parallel_for. The bindings (bindings.cpp) check and
 // allocate the tensors, dispatch on dtypes and run the convolution's GEMMs.
 //
@@ -23,6 +23,7 @@ namespace deformops_native::cpu {
 using deformops::ConvChunk;
 using deformops::ConvSizes;
 using deformops::MsdaSizes;
+using deformops::RoiPoolSizes;
 
 // The grain of at::parallel_for (the fewest iterations of one task) for a loop
 // whose iterations each do about `work` elementary operations: about 32768
@@ -80,5 +81,23 @@ void deform_conv_col2im(const ConvSizes& s, const ConvChunk& chunk, const T* inp
                         const Plane<const T>& offset, const Plane<const T>& mask,
                         const T* grad_columns, T* grad_input, const Plane<T>& grad_offset,
                         const Plane<T>& grad_mask, bool deterministic);
+
+// Deformable RoI pooling (roi_pool.h) of the channels-last `input` [N, H, W, C]
+// into `output` [K, C, out_h, out_w]; `rois` [K, 5], `offset` [K, 2, out_h,
+// out_w] or null (no offsets). A RoI with a batch index outside [0, N) pools
+// zeros. Parallel over bins, each written by one task.
+template <typename T>
+void deform_roi_pool_forward(const RoiPoolSizes& s, const T* input, const T* rois,
+                             const T* offset, T* output);
+
+// Gradients of deform_roi_pool_forward given `grad_output` laid out [K, out_h,
+// out_w, C] (bins, then channels): adds the input gradient into the
+// channels-last `grad_input` [N, H, W, C] (zero-initialised by the caller) and,
+// when `offset` is not null, writes `grad_offset` [K, 2, out_h, out_w]. Every
+// element is summed by one task in a fixed order: the results do not depend on
+// the number of threads.
+template <typename T>
+void deform_roi_pool_backward(const RoiPoolSizes& s, const T* grad_output, const T* input,
+                              const T* rois, const T* offset, T* grad_input, T* grad_offset);
 
 }  // namespace deformops_native::cpu
