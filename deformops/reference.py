@@ -416,12 +416,15 @@ def _roi_grid(
     its coordinates are not finite, or the map is empty.
     """
     scaled = rois[:, 1:] * spatial_scale - 0.5
+    index = rois[:, 0]
+    size = scaled[:, 2:] - scaled[:, :2]
+    valid = (index >= 0) & (index < batch) & torch.isfinite(size).all(1)
+    valid &= height > 0 and width > 0
+    # A skipped RoI samples nothing; zeros keep its (unused) geometry finite.
+    scaled = torch.where(valid[:, None], scaled, torch.zeros_like(scaled))
     start_x, start_y, end_x, end_y = scaled.unbind(1)
     roi_w = end_x - start_x
     roi_h = end_y - start_y
-    index = rois[:, 0]
-    valid = (index >= 0) & (index < batch) & torch.isfinite(roi_h) & torch.isfinite(roi_w)
-    valid &= height > 0 and width > 0
 
     def samples(extent: Tensor, bins: int) -> Tensor:
         if sampling_ratio > 0:
@@ -632,7 +635,11 @@ def deform_roi_pool_backward(
                 sampling_ratio,
                 gamma,
             )
-            grads = torch.autograd.grad(out, leaves, grad_output[part].to(cdt))
+            if not out.requires_grad:  # no sample (empty RoIs or map): zero gradients
+                continue
+            grads = torch.autograd.grad(
+                out, leaves, grad_output[part].to(cdt), allow_unused=True, materialize_grads=True
+            )
         grad_values += grads[0]
         if grad_offset is not None:
             grad_offset[part] = grads[1]
