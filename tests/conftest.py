@@ -93,7 +93,9 @@ def make_conv_inputs(
     ``offsets``: ``"random"`` (``offset_scale * randn`` pixels, so some points fall outside
     the map), ``"far"`` (also points 3 to 6 pixels outside), ``"integer"`` (integers and
     half-integers in [-3, 3]: points exactly on pixel centres, between pixels and on the
-    borders), or ``"zero"``.
+    borders), ``"near_edges"`` (integers plus at most 1e-6: points a rounding error away from
+    a pixel edge, where the offset gradient jumps: float32 sums of pixel index and offset
+    round across the edge), or ``"zero"``.
     """
 
     def pair(v: int | tuple[int, int]) -> tuple[int, int]:
@@ -116,6 +118,8 @@ def make_conv_inputs(
         )
     elif offsets == "integer":
         offset = torch.randint(-6, 7, shape).to(f64) / 2
+    elif offsets == "near_edges":
+        offset = torch.randint(-3, 4, shape).to(f64) + (2 * torch.rand(shape, dtype=f64) - 1) * 1e-6
     elif offsets == "zero":
         offset = torch.zeros(shape, dtype=f64)
     else:
@@ -145,7 +149,9 @@ def make_msda_inputs(
 
     ``locations``: ``"random"`` (uniform in [-0.6, 1.6], about 40% of the points outside
     the map, some by several pixels) or ``"exact"`` (pixel centres, half-pixels and the
-    borders -1, -0.5, W-0.5, W; exact in binary when the sizes are powers of two).
+    borders -1, -0.5, W-0.5, W; exact in binary when the sizes are powers of two) or
+    ``"near_edges"`` (pixel centres moved by at most 1e-6 pixels: float32 products of location
+    and map size round across the pixel edge, where the location gradient jumps).
     """
     shapes = torch.tensor(levels, dtype=torch.int64)
     sizes = [h * w for h, w in levels]
@@ -157,6 +163,10 @@ def make_msda_inputs(
         extent = shapes.flip(-1).to(torch.float64)[None, None, None, :, None, :]  # (W, H)
         pixel = torch.randint(-4, 2 * int(shapes.max()) + 3, loc_shape).to(torch.float64) / 2
         loc = (pixel + 0.5) / extent
+    elif locations == "near_edges":
+        extent = shapes.flip(-1).to(torch.float64)[None, None, None, :, None, :]  # (W, H)
+        pixel = torch.floor(torch.rand(loc_shape, dtype=torch.float64) * extent)
+        loc = (pixel + 0.5 + (2 * torch.rand(loc_shape, dtype=torch.float64) - 1) * 1e-6) / extent
     else:
         raise ValueError(locations)
     return {

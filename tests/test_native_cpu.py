@@ -157,6 +157,15 @@ def test_conv_matches_float64_and_reference(case: str, dtype: torch.dtype) -> No
     _check_errors(native, _conv_reference(args, grad_output), TOLERANCE[dtype])
 
 
+def test_conv_float32_locates_like_float64() -> None:
+    """Points a rounding error from a pixel edge: the float32 offset gradient jumps there
+    unless the kernel locates in float64 (sampling.h), which it does."""
+    args = _round(make_conv_inputs(h=40, w=48, offsets="near_edges"), torch.float32)
+    n, _, h_out, w_out = args["offset"].shape
+    grad_output = torch.randn(n, args["weight"].shape[0], h_out, w_out)
+    _check_errors(_conv_native(args, grad_output), _conv_float64(args, grad_output), 1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_conv_channels_last(dtype: torch.dtype) -> None:
     args = _round(make_conv_inputs(c_in=6, c_out=4, groups=2, offset_groups=3), dtype)
@@ -290,6 +299,15 @@ def test_msda_matches_float64_and_reference(case: str, dtype: torch.dtype) -> No
     native = _msda_native(args, grad_output)
     _check_errors(native, _msda_float64(args, grad_output), TOLERANCE[dtype])
     _check_errors(native, _msda_reference(args, grad_output), TOLERANCE[dtype])
+
+
+def test_msda_float32_locates_like_float64() -> None:
+    """Points a rounding error from a pixel edge: the float32 location gradient jumps there
+    unless the backward locates in float64, which it does."""
+    levels = ((40, 48), (20, 24), (10, 12))
+    args = _round(make_msda_inputs(levels=levels, q=200, locations="near_edges"), torch.float32)
+    grad_output = _msda_grad_output(args)
+    _check_errors(_msda_native(args, grad_output), _msda_float64(args, grad_output), 1e-5)
 
 
 @pytest.mark.parametrize(

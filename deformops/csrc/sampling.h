@@ -50,20 +50,25 @@ DEFORMOPS_UNROLL
   return c;
 }
 
-// Computes the corners of the sample at (y, x) on an h x w map.
-template <typename T>
-DEFORMOPS_HD Corners<T> bilinear_corners(T y, T x, int64_t h, int64_t w) {
+// Computes the corners of the sample at (y, x) on an h x w map, in precision T.
+// The location is given, bounded and split into pixel and fraction in precision
+// C (default T): with C = double and T = float, a float32 kernel locates its
+// samples like a float64 one (a location rounded to float can fall across a
+// pixel edge, where the location gradient jumps) at the cost of a few double
+// operations, and weighs them in float.
+template <typename T, typename C = T>
+DEFORMOPS_HD Corners<T> bilinear_corners(C y, C x, int64_t h, int64_t w) {
   Corners<T> c = empty_corners<T>();
   // Negated test so that NaN fails it.
-  if (!(y > T(-1) && x > T(-1) && y < static_cast<T>(h) && x < static_cast<T>(w))) {
+  if (!(y > C(-1) && x > C(-1) && y < static_cast<C>(h) && x < static_cast<C>(w))) {
     return c;
   }
-  const T fy = floor(y);
-  const T fx = floor(x);
+  const C fy = floor(y);
+  const C fx = floor(x);
   const int64_t y0 = static_cast<int64_t>(fy);
   const int64_t x0 = static_cast<int64_t>(fx);
-  const T ly = y - fy;
-  const T lx = x - fx;
+  const T ly = static_cast<T>(y - fy);
+  const T lx = static_cast<T>(x - fx);
   const T hy = T(1) - ly;
   const T hx = T(1) - lx;
   const bool in_y[2] = {y0 >= 0, y0 + 1 < h};

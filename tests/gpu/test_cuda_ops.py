@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import naive
 import pytest
 import torch
 from cases import CONV_CASES, MSDA_CASES, conv_inputs, msda_inputs
+from conftest import make_conv_inputs, make_msda_inputs
 
 import deformops
 from deformops import reference
@@ -178,3 +180,42 @@ def test_conv_past_2_31_column_elements():
     expected = torch.nn.functional.conv2d(padded, weight.float())
     assert _relative_error(out, expected) <= 5e-3
     assert _relative_error(out[..., -8:, -8:], expected[..., -8:, -8:]) <= 5e-3
+
+
+def _float32_vs_float64(fn, naive_fn, tensors: dict[str, torch.Tensor], fixed: dict) -> None:
+    """Every gradient of ``fn`` on CUDA in float32 within 1e-5 of ``naive_fn`` in float64."""
+    names = list(tensors)
+    results = _forward_backward(
+        lambda *ts: fn(**dict(zip(names, ts, strict=True)), **fixed),
+        [t.float().cuda() for t in tensors.values()],
+    )
+    expected = _forward_backward(
+        lambda *ts: naive_fn(**dict(zip(names, ts, strict=True)), **fixed),
+        [t.float().double() for t in tensors.values()],
+    )
+    for name, r, e in zip(["output", *names], results, expected, strict=True):
+        assert _relative_error(r, e) <= 1e-5, name
+
+
+def test_conv_float32_locates_like_float64():
+    """Points a rounding error from a pixel edge, where the offset gradient jumps."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    args = make_conv_inputs(h=40, w=48, offsets="near_edges")
+    tensors = {k: args.pop(k) for k in ("input", "offset", "weight", "mask", "bias")}
+    _float32_vs_float64(deformops.deform_conv2d, naive.deform_conv2d, tensors, args)
+
+
+def test_msda_float32_locates_like_float64():
+    """Points a rounding error from a pixel edge, where the location gradient jumps."""
+    levels = ((40, 48), (20, 24), (10, 12))
+    args = make_msda_inputs(levels=levels, q=200, locations="near_edges")
+    tensors = {k: args.pop(k) for k in ("value", "sampling_locations", "attention_weights")}
+
+    def op(**kw):
+        shapes = {k: v.to(kw["value"].device) for k, v in args.items()}
+        return deformops.multi_scale_deformable_attention(**kw, **shapes)
+
+    def op64(**kw):
+        return naive.multi_scale_deformable_attention(**kw, **args)
+
+    _float32_vs_float64(op, op64, tensors, {})

@@ -86,17 +86,19 @@ struct KernelPoint {
   int64_t mask_channel(const ConvSizes& s) const { return og * s.kernel_h * s.kernel_w + k; }
 };
 
-// The bilinear corners of the kernel point's sample at the pixel.
+// The bilinear corners of the kernel point's sample at the pixel, located in
+// float64 (sampling.h's bilinear_corners): a location rounded to float can fall
+// across a pixel edge, where the offset gradient jumps.
 template <typename T>
 [[gnu::always_inline]] inline deformops::Corners<T> sample_corners(const ConvSizes& s,
                                                                    const Pixel& px,
                                                                    const KernelPoint& kp,
                                                                    const Plane<const T>& offset) {
   const int64_t c = kp.offset_channel(s);
-  const T y =
-      static_cast<T>(px.ho * s.stride_h - s.pad_h + kp.i * s.dilation_h) + px.at(offset, c);
-  const T x =
-      static_cast<T>(px.wo * s.stride_w - s.pad_w + kp.j * s.dilation_w) + px.at(offset, c + 1);
+  const double y = static_cast<double>(px.ho * s.stride_h - s.pad_h + kp.i * s.dilation_h) +
+                   static_cast<double>(px.at(offset, c));
+  const double x = static_cast<double>(px.wo * s.stride_w - s.pad_w + kp.j * s.dilation_w) +
+                   static_cast<double>(px.at(offset, c + 1));
   return deformops::bilinear_corners<T>(y, x, s.height, s.width);
 }
 

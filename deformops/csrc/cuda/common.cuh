@@ -93,12 +93,22 @@ __device__ __forceinline__ void unpack_vec(const W& word, A (&out)[N]) {
   }
 }
 
+// N elements of type T as one instruction loads them (not yet widened).
+template <int N, typename T>
+using Packed = typename Word<N * static_cast<int>(sizeof(T))>::type;
+
+// Loads N consecutive elements at `p` (aligned to N * sizeof(T)) in one
+// instruction through the read-only cache, packed.
+template <int N, typename T>
+__device__ __forceinline__ Packed<N, T> load_packed(const T* p) {
+  return __ldg(reinterpret_cast<const Packed<N, T>*>(p));
+}
+
 // Loads N consecutive elements at `p` (aligned to N * sizeof(T)) in one
 // instruction through the read-only cache, widened to A.
 template <int N, typename T, typename A>
 __device__ __forceinline__ void load_vec(const T* p, A (&out)[N]) {
-  using W = typename Word<N * static_cast<int>(sizeof(T))>::type;
-  unpack_vec<N, T>(__ldg(reinterpret_cast<const W*>(p)), out);
+  unpack_vec<N, T>(load_packed<N>(p), out);
 }
 
 // Loads N consecutive elements at `p` (aligned to N * sizeof(T)) in one

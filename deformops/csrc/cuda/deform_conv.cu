@@ -241,15 +241,21 @@ __device__ __forceinline__ CornerSlot<T>* team_slots(CornerSlot<T>* block_slots,
 }
 
 // Lane `lane` of the team computes kernel point k0 + lane (when it exists) into
-// its slot; returns the location's corners for the caller's own use.
-template <typename T, typename V>
+// its slot; returns the location (y, x), in precision C, and its corners for the
+// caller's own use.
+// The backward uses C = double whatever V (sampling.h's bilinear_corners): a
+// location rounded to float can fall across a pixel edge, where the offset
+// gradient jumps (float64 does not round there). The forward's output is
+// continuous in the location, so it uses C = T.
+template <typename C, typename T, typename V>
 __device__ __forceinline__ deformops::Corners<T> fill_slot(const Geometry& g, const Place& at,
                                                            const V* offset, const V* mask,
-                                                           int k, CornerSlot<T>& slot, T& y,
-                                                           T& x) {
+                                                           int k, CornerSlot<T>& slot, C& y,
+                                                           C& x) {
   const int64_t dy = offset_base(g, g.offset_strides, at) + 2 * k * g.offset_strides.c;
   sample_location(g, at, offset, dy, k, y, x);
-  const deformops::Corners<T> corners = deformops::bilinear_corners<T>(y, x, g.height, g.width);
+  const deformops::Corners<T> corners =
+      deformops::bilinear_corners<T>(y, x, g.height, g.width);
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
     slot.offset[q] = static_cast<int32_t>(corners.offset[q]);
@@ -298,7 +304,7 @@ __global__ void __launch_bounds__(kThreads, kIm2colMinBlocks)
     const int points = min(int(team_lanes(g)), g.kernel_points - k0);
     if (active && int(lane) < points) {
       T y, x;
-      fill_slot(g, at, offset, mask, k0 + int(lane), slots[lane], y, x);
+      fill_slot<T>(g, at, offset, mask, k0 + int(lane), slots[lane], y, x);
     }
     __syncwarp();
     for (int kk = 0; active && kk < points; ++kk) {
@@ -358,8 +364,9 @@ __global__ void __launch_bounds__(kThreads, kCol2imMinBlocks)
       // Lane l: the corners of kernel point k0 + l, and the sample's filing
       // under its cell for the input gradient.
       const int k = k0 + int(lane);
-      T y, x;
-      const deformops::Corners<T> corners = fill_slot(g, at, offset, mask, k, slots[lane], y, x);
+      double y, x;
+      const deformops::Corners<T> corners =
+          fill_slot<double>(g, at, offset, mask, k, slots[lane], y, x);
       const T m = slots[lane].m;
       const uint32_t s = team * g.kernel_points + k;
       const bool touches = m != T(0) && (corners.weight[0] != T(0) || corners.weight[1] != T(0) ||

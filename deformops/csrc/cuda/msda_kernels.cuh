@@ -58,10 +58,9 @@ namespace deformops::gpu::msda_detail {
 constexpr int kBlock = 256;
 
 // Resident blocks per SM the kernels are compiled for (their register budget,
-// chosen so that nothing spills: scripts/check_cuda_compile.py): the forward's
-// fast path with 4 channels per lane fits 64 registers, with 8 channels (half
-// precision) 80; its generic path needs 80 and the backward 128.
-constexpr int forward_blocks(int vec, bool one_pass) { return one_pass && vec <= 4 ? 4 : 3; }
+// chosen so that nothing spills: scripts/check_cuda_compile.py): the forward
+// with kInFlight samples' loads in flight fits 80 registers, the backward 128.
+constexpr int kForwardBlocks = 3;
 constexpr int kBackwardBlocks = 2;
 
 // Vector shape of the fast path for values of type T whose value gradient is
@@ -210,22 +209,41 @@ __device__ __forceinline__ Shared<A> receive(const Sample<A>& mine, int owner, i
   return sh;
 }
 
-// Loads the lane's VEC channels of the corners at positions pos[k] (row:
-// elements between positions) from `data` (the lane's first channel at position
-// 0), or zeros where read[k] is false. The loads are independent, so they are
-// in flight together.
-template <int VEC, typename T, typename A>
-__device__ __forceinline__ void load_corners(const T* data, uint32_t row, const uint32_t (&pos)[4],
-                                             const bool (&read)[4], A (&v)[4][VEC]) {
+// Samples whose corner loads a lane issues together, before using any: the
+// gathers are latency-bound, and one sample's four loads at a time left the
+// memory system idle between samples.
+constexpr int kInFlight = 2;
+
+// receive() of owner `owner` when it is below `count` (uniform over the
+// segment, so every lane reaches the shuffles), else a sample with nothing to
+// read or add.
+template <typename A>
+__device__ __forceinline__ Shared<A> receive_or_empty(const Sample<A>& mine, int owner, int count,
+                                                      int lanes, unsigned int mask) {
+  if (owner < count) {
+    return receive(mine, owner, lanes, mask);
+  }
+  Shared<A> sh;
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
+    sh.pos[k] = kNoCorner;
+    sh.scaled[k] = A(0);
+  }
+  return sh;
+}
+
+// Loads the lane's VEC channels of the corners at positions pos[k] (row:
+// elements between positions) from `data` (the lane's first channel at position
+// 0), packed (widened where they are used, so that several samples' loads fit
+// in registers together), or zeros where read[k] is false. The loads are
+// independent, so they are in flight together.
+template <int VEC, typename T>
+__device__ __forceinline__ void load_corners(const T* data, uint32_t row, const uint32_t (&pos)[4],
+                                             const bool (&read)[4], Packed<VEC, T> (&v)[4]) {
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) {
-      v[k][e] = A(0);
-    }
-    if (read[k]) {
-      load_vec<VEC>(data + static_cast<uint64_t>(pos[k]) * row, v[k]);
-    }
+  for (int k = 0; k < 4; ++k) {
+    v[k] = read[k] ? load_packed<VEC>(data + static_cast<uint64_t>(pos[k]) * row)
+                   : Packed<VEC, T>{};
   }
 }
 
@@ -264,7 +282,7 @@ __device__ __forceinline__ unsigned int segment_mask(int lanes) {
 }
 
 template <typename T, int VEC, bool ONE_PASS>
-__global__ void __launch_bounds__(kBlock, forward_blocks(VEC, ONE_PASS))
+__global__ void __launch_bounds__(kBlock, kForwardBlocks)
     msda_forward_kernel(const Args<T> a, T* __restrict__ output) {
   using A = acc_type<T>;
   const MsdaSizes& s = a.s;
@@ -291,20 +309,29 @@ __global__ void __launch_bounds__(kBlock, forward_blocks(VEC, ONE_PASS))
         const Sample<A> mine =
             j < samples ? owner_sample<A, T, A>(a, pos.nqm, j) : empty_sample<A>();
         const int count = static_cast<int>(min(int64_t{lanes}, samples - (r << lay.log_c)));
-        for (int owner = 0; owner < count; ++owner) {
-          const Shared<A> sh = receive(mine, owner, lanes, mask);
-          bool read[4];
+        for (int first = 0; first < count; first += kInFlight) {
+          Shared<A> sh[kInFlight];
+          Packed<VEC, T> v[kInFlight][4];
 #pragma unroll
-          for (int k = 0; k < 4; ++k) {
-            read[k] = has_channels && sh.scaled[k] != A(0);
+          for (int i = 0; i < kInFlight; ++i) {
+            sh[i] = receive_or_empty(mine, first + i, count, lanes, mask);
+            bool read[4];
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+              read[k] = has_channels && sh[i].scaled[k] != A(0);
+            }
+            load_corners<VEC>(value_nm + d, row, sh[i].pos, read, v[i]);
           }
-          A v[4][VEC];
-          load_corners<VEC>(value_nm + d, row, sh.pos, read, v);
 #pragma unroll
-          for (int k = 0; k < 4; ++k) {
+          for (int i = 0; i < kInFlight; ++i) {
 #pragma unroll
-            for (int e = 0; e < VEC; ++e) {
-              acc[e] += sh.scaled[k] * v[k][e];
+            for (int k = 0; k < 4; ++k) {
+              A corner[VEC];
+              unpack_vec<VEC, T>(v[i][k], corner);
+#pragma unroll
+              for (int e = 0; e < VEC; ++e) {
+                acc[e] += sh[i].scaled[k] * corner[e];
+              }
             }
           }
         }
@@ -358,9 +385,13 @@ __global__ void __launch_bounds__(kBlock, kBackwardBlocks)
       const Sample<A> mine =
           j < samples ? owner_sample<double, T, A>(a, pos.nqm, j) : empty_sample<A>();
       const int count = static_cast<int>(min(int64_t{lanes}, samples - (r << lay.log_c)));
-      for (int owner = 0; owner < count; ++owner) {
-        const Shared<A> sh = receive(mine, owner, lanes, mask);
-        A dot[4] = {};  // this lane's part of (corner value) . grad_output
+      for (int first = 0; first < count; first += kInFlight) {
+        Shared<A> sh[kInFlight];
+#pragma unroll
+        for (int i = 0; i < kInFlight; ++i) {
+          sh[i] = receive_or_empty(mine, first + i, count, lanes, mask);
+        }
+        A dot[kInFlight][4] = {};  // this lane's part of (corner value) . grad_output
         for (int pass = 0; pass < passes; ++pass) {
           const int64_t d = first_channel<VEC>(pass, lane_c, lay.log_c);
           if (d >= s.channels) {
@@ -369,49 +400,61 @@ __global__ void __launch_bounds__(kBlock, kBackwardBlocks)
           if constexpr (!ONE_PASS) {
             load_vec_streaming<VEC>(grad_out + d, go);
           }
-          bool read[4];
+          Packed<VEC, T> v[kInFlight][4];
 #pragma unroll
-          for (int k = 0; k < 4; ++k) {
-            read[k] = sh.pos[k] != kNoCorner;
-          }
-          A v[4][VEC];
-          load_corners<VEC>(a.value + value_offset + d, row, sh.pos, read, v);
+          for (int i = 0; i < kInFlight; ++i) {
+            bool read[4];
 #pragma unroll
-          for (int k = 0; k < 4; ++k) {
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) {
-              dot[k] += v[k][e] * go[e];
+            for (int k = 0; k < 4; ++k) {
+              read[k] = sh[i].pos[k] != kNoCorner;
             }
-            if (grad_value != nullptr && sh.scaled[k] != A(0)) {
-              A add[VEC];
+            load_corners<VEC>(a.value + value_offset + d, row, sh[i].pos, read, v[i]);
+          }
+#pragma unroll
+          for (int i = 0; i < kInFlight; ++i) {
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+              A corner[VEC];
+              unpack_vec<VEC, T>(v[i][k], corner);
 #pragma unroll
               for (int e = 0; e < VEC; ++e) {
-                add[e] = sh.scaled[k] * go[e];
+                dot[i][k] += corner[e] * go[e];
               }
-              atomic_add_vec<VEC>(
-                  grad_value + value_offset + d + static_cast<uint64_t>(sh.pos[k]) * row, add);
+              if (grad_value != nullptr && sh[i].scaled[k] != A(0)) {
+                A add[VEC];
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) {
+                  add[e] = sh[i].scaled[k] * go[e];
+                }
+                atomic_add_vec<VEC>(
+                    grad_value + value_offset + d + static_cast<uint64_t>(sh[i].pos[k]) * row,
+                    add);
+              }
             }
           }
         }
 #pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          dot[k] = lane_sum(dot[k], 1, lanes, mask);
-        }
-        if (lane_c == owner) {
-          A grad_a = A(0);  // d loss / d attention weight
-          A grad_y = A(0);  // d loss / d y (pixels) / attention
-          A grad_x = A(0);
+        for (int i = 0; i < kInFlight; ++i) {
 #pragma unroll
           for (int k = 0; k < 4; ++k) {
-            grad_a += mine.weight[k] * dot[k];
-            grad_y += mine.dweight_dy[k] * dot[k];
-            grad_x += mine.dweight_dx[k] * dot[k];
+            dot[i][k] = lane_sum(dot[i][k], 1, lanes, mask);
           }
-          store_either<T>(grad_weights, a.weights_float, mine.index, grad_a);
-          store_either<T>(grad_locations, a.locations_float, 2 * mine.index,
-                          mine.attention * grad_x * mine.w);
-          store_either<T>(grad_locations, a.locations_float, 2 * mine.index + 1,
-                          mine.attention * grad_y * mine.h);
+          if (lane_c == first + i && first + i < count) {
+            A grad_a = A(0);  // d loss / d attention weight
+            A grad_y = A(0);  // d loss / d y (pixels) / attention
+            A grad_x = A(0);
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+              grad_a += mine.weight[k] * dot[i][k];
+              grad_y += mine.dweight_dy[k] * dot[i][k];
+              grad_x += mine.dweight_dx[k] * dot[i][k];
+            }
+            store_either<T>(grad_weights, a.weights_float, mine.index, grad_a);
+            store_either<T>(grad_locations, a.locations_float, 2 * mine.index,
+                            mine.attention * grad_x * mine.w);
+            store_either<T>(grad_locations, a.locations_float, 2 * mine.index + 1,
+                            mine.attention * grad_y * mine.h);
+          }
         }
       }
     }
