@@ -180,11 +180,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv2d_backwar
 // ---------------------------------------------------------------------------
 // Deformable RoI pooling
 
-// `t` (rois or offset) in the compute type, contiguous; undefined when absent.
-at::Tensor roi_pool_operand(const std::optional<at::Tensor>& t, at::ScalarType dtype) {
-  return t.has_value() && t->defined() ? as_layout(*t, dtype) : at::Tensor();
-}
-
 template <typename T>
 const T* data_or_null(const at::Tensor& t) {
   return t.defined() ? t.const_data_ptr<T>() : nullptr;
@@ -202,7 +197,7 @@ at::Tensor deform_roi_pool_forward(const at::Tensor& input, const at::Tensor& ro
     const at::ScalarType dtype = scalar_type_of<T>();
     const at::Tensor x = as_layout(input, dtype, at::MemoryFormat::ChannelsLast);
     const at::Tensor r = as_layout(rois, dtype);
-    const at::Tensor o = roi_pool_operand(offset, dtype);
+    const at::Tensor o = as_layout_or_undefined(offset, dtype);
     const at::Tensor out = at::empty({s.rois, s.channels, s.out_height, s.out_width}, r.options());
     cpu::deform_roi_pool_forward<T>(s, x.const_data_ptr<T>(), r.const_data_ptr<T>(),
                                     data_or_null<T>(o), out.mutable_data_ptr<T>());
@@ -224,7 +219,7 @@ std::tuple<at::Tensor, at::Tensor> deform_roi_pool_backward(
     const at::ScalarType dtype = scalar_type_of<T>();
     const at::Tensor x = as_layout(input, dtype, at::MemoryFormat::ChannelsLast);
     const at::Tensor r = as_layout(rois, dtype);
-    const at::Tensor o = roi_pool_operand(offset, dtype);
+    const at::Tensor o = as_layout_or_undefined(offset, dtype);
     // [K, out_h, out_w, C]: the channels of a bin contiguous.
     const at::Tensor grad = as_layout(grad_output.permute({0, 2, 3, 1}), dtype);
     const at::Tensor grad_x = at::zeros_like(x);

@@ -105,6 +105,13 @@ inline at::Tensor in_dtype_or_undefined(const std::optional<at::Tensor>& t,
   return t.has_value() && t->defined() ? in_dtype(*t, dtype) : at::Tensor();
 }
 
+// as_layout of `t` (contiguous, in `dtype`), or an undefined tensor when `t` is
+// absent or undefined.
+inline at::Tensor as_layout_or_undefined(const std::optional<at::Tensor>& t,
+                                         at::ScalarType dtype) {
+  return t.has_value() && t->defined() ? as_layout(*t, dtype) : at::Tensor();
+}
+
 // The data and the strides of a 4-d tensor as a device's Plane<T> (cpu/kernels.h,
 // cuda/deform_conv.h), with `data(t)` its elements as T*; an undefined tensor
 // gives a null Plane.

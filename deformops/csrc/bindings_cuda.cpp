@@ -3,7 +3,7 @@
 // handles tensors only (device guard, current stream, contiguity, allocation, dtype
 // mapping; for the deformable convolution, the host side shared with the CPU,
 // deform_conv_host.h); the kernels and their launchers are torch-free
-// (cuda/msda.h, cuda/deform_conv.h).
+// (cuda/msda.h, cuda/deform_conv.h, cuda/deform_roi_pool.h).
 //
 // Environment: DEFORMOPS_MSDA_HALF_GRAD chooses how msda_backward accumulates the
 // value gradient of float16 / bfloat16 values (read at every call):
@@ -17,7 +17,9 @@
 // deterministic paths (the same gradients, bit for bit, at every run): msda_backward
 // gathers the value gradient in a fixed order instead of scattering it with atomics
 // (the setting above then does not apply: one rounding per element), and
-// deform_conv2d_backward sums the input gradient in sample order.
+// deform_conv2d_backward sums the input gradient in sample order;
+// deform_roi_pool_backward has no deterministic path (its input gradient is an
+// atomic scatter) and raises there, as torchvision's roi_align backward does.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -30,6 +32,7 @@
 
 #include "bindings_common.h"
 #include "cuda/deform_conv.h"
+#include "cuda/deform_roi_pool.h"
 #include "cuda/msda.h"
 #include "deform_conv_host.h"
 
@@ -303,6 +306,71 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv2d_backwar
                                               stride_w, pad_h, pad_w, dilation_h, dilation_w);
 }
 
+// ---------------------------------------------------------------------------
+// Deformable RoI pooling
+
+at::Tensor deform_roi_pool_forward_cuda(const at::Tensor& input, const at::Tensor& rois,
+                                        const std::optional<at::Tensor>& offset,
+                                        int64_t pooled_height, int64_t pooled_width,
+                                        double spatial_scale, int64_t sampling_ratio,
+                                        double gamma) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  const RoiPoolSizes s = roi_pool_sizes(input, rois, offset, pooled_height, pooled_width,
+                                        spatial_scale, sampling_ratio, gamma);
+  const at::Tensor x = input.contiguous();
+  at::Tensor output = at::empty({s.rois, s.channels, s.out_height, s.out_width}, x.options());
+  dispatch_floating(input.scalar_type(), "input", [&](auto tag) {
+    using V = typename decltype(tag)::type;
+    using E = typename CudaElement<V>::type;
+    using A = gpu::roi_pool_acc_t<E>;
+    const at::ScalarType acc = c10::CppTypeToScalarType<A>::value;
+    const at::Tensor r = as_layout(rois, acc);
+    const at::Tensor o = as_layout_or_undefined(offset, acc);
+    check_launch(gpu::deform_roi_pool_forward<E>(
+                     s, elements<const E, V>(x), r.const_data_ptr<A>(),
+                     o.defined() ? o.const_data_ptr<A>() : nullptr, elements<E, V>(output),
+                     c10::cuda::getCurrentCUDAStream().stream()),
+                 "deform_roi_pool");
+  });
+  return output;
+}
+
+// The input gradient is scattered with atomic adds into a float32 (float64)
+// buffer, rounded once to the input's dtype at the end.
+std::tuple<at::Tensor, at::Tensor> deform_roi_pool_backward_cuda(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& rois,
+    const std::optional<at::Tensor>& offset, int64_t pooled_height, int64_t pooled_width,
+    double spatial_scale, int64_t sampling_ratio, double gamma) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  const RoiPoolSizes s = roi_pool_sizes(input, rois, offset, pooled_height, pooled_width,
+                                        spatial_scale, sampling_ratio, gamma);
+  check_roi_pool_grad(grad_output, s, input);
+  at::globalContext().alertNotDeterministic("deform_roi_pool_backward (CUDA)");
+  const at::Tensor x = input.contiguous();
+  const at::Tensor grad = grad_output.contiguous();
+  std::tuple<at::Tensor, at::Tensor> grads;
+  dispatch_floating(input.scalar_type(), "input", [&](auto tag) {
+    using V = typename decltype(tag)::type;
+    using E = typename CudaElement<V>::type;
+    using A = gpu::roi_pool_acc_t<E>;
+    const at::ScalarType acc = c10::CppTypeToScalarType<A>::value;
+    const at::Tensor r = as_layout(rois, acc);
+    const at::Tensor o = as_layout_or_undefined(offset, acc);
+    const at::Tensor grad_x = at::zeros(x.sizes(), x.options().dtype(acc));
+    const at::Tensor grad_o = o.defined() ? at::zeros_like(o) : at::Tensor();
+    check_launch(gpu::deform_roi_pool_backward<E>(
+                     s, elements<const E, V>(grad), elements<const E, V>(x),
+                     r.const_data_ptr<A>(), o.defined() ? o.const_data_ptr<A>() : nullptr,
+                     grad_x.mutable_data_ptr<A>(),
+                     grad_o.defined() ? grad_o.mutable_data_ptr<A>() : nullptr,
+                     c10::cuda::getCurrentCUDAStream().stream()),
+                 "deform_roi_pool_backward");
+    grads = {grad_x.to(input.scalar_type()).contiguous(output_memory_format(input)),
+             grad_o.defined() ? grad_o.to(offset->scalar_type()) : at::empty({0}, input.options())};
+  });
+  return grads;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(deformops_native, CUDA, m) {
@@ -310,6 +378,8 @@ TORCH_LIBRARY_IMPL(deformops_native, CUDA, m) {
   m.impl("msda_backward", &msda_backward_cuda);
   m.impl("deform_conv2d_forward", &deform_conv2d_forward_cuda);
   m.impl("deform_conv2d_backward", &deform_conv2d_backward_cuda);
+  m.impl("deform_roi_pool_forward", &deform_roi_pool_forward_cuda);
+  m.impl("deform_roi_pool_backward", &deform_roi_pool_backward_cuda);
 }
 
 }  // namespace deformops_native
