@@ -43,7 +43,7 @@ def _export(
     module: nn.Module, args: tuple[object, ...], conv: str = "DeformConv", dynamic_shapes=None
 ) -> onnx.ModelProto:
     program = torch.onnx.export(
-        module,
+        module.eval(),
         args,
         custom_translation_table=deformops.onnx.translation_table(conv),
         dynamic_shapes=dynamic_shapes,
@@ -196,6 +196,13 @@ def test_msda_level_shapes_read_at_run_time() -> None:
     model = _export(_Attention(), _msda_call(2, 6, {}), dynamic_shapes=shapes)
     other = _msda_call(2, 6, {"levels": ((9, 7), (5, 4), (2, 3))})
     _assert_runs_like_eager(model, _Attention(), [other])
+
+
+def test_dynamic_heads_are_rejected() -> None:
+    heads = torch.export.Dim("heads")
+    shapes = ({2: heads}, None, None, {2: heads}, {2: heads})
+    with pytest.raises(torch.onnx.OnnxExporterError, match="value: dimension 2 must be static"):
+        _export(_Attention(), _msda_call(2, 6, {"m": 3}), dynamic_shapes=shapes)
 
 
 def _randomize(module: nn.Module) -> nn.Module:
