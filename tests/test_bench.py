@@ -10,6 +10,7 @@ and its layout conversions must give back the reference's results.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import sys
 import textwrap
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deformops.bench import cli, peers, peers_worker, timing, workloads
+from deformops.bench import cli, impls, peers, peers_worker, timing, workloads
 
 BENCH = Path(cli.__file__).parent
 REFERENCE = BENCH.parent / "reference.py"
@@ -163,7 +164,7 @@ def test_peer_failure_is_recorded_and_the_run_goes_on(tmp_path):
         *("--workload", "detr_dec", "--dtype", "fp32"),
         *("--impl", peers.PEER_CUDA, "reference", "--peer-path", str(tmp_path / "absent")),
     )
-    assert code == 1
+    assert code == 0  # a peer that cannot run is recorded; the run still succeeds
     failed, measured = records
     assert failed["impl"] == peers.PEER_CUDA
     assert "not installed" in failed["error"]
@@ -171,6 +172,19 @@ def test_peer_failure_is_recorded_and_the_run_goes_on(tmp_path):
     assert failed["rel_err"] is None
     assert measured["impl"] == "reference"
     assert measured["rel_err"] < 1e-5
+
+
+def test_our_failure_fails_the_run(tmp_path, monkeypatch):
+    def broken(workload, inputs):
+        raise RuntimeError("broken on purpose")
+
+    ours = impls.IMPLS["msda"]["deformops"]
+    monkeypatch.setitem(impls.IMPLS["msda"], "deformops", dataclasses.replace(ours, build=broken))
+    code, records = _bench(
+        tmp_path, *("--workload", "detr_dec", "--dtype", "fp32", "--impl", "deformops")
+    )
+    assert code == 1
+    assert "broken on purpose" in records[0]["error"]
 
 
 def test_silent_worker_times_out_and_disables_the_impl(tmp_path, monkeypatch):
