@@ -32,6 +32,7 @@ from test_ops import (
 
 import deformops
 from deformops import _build, ops, reference
+from deformops.nn import DeformRoIPool2d, DeformRoIPoolPack2d, ModulatedDeformRoIPoolPack2d
 
 FLOATS = ("input", "offset")
 F64 = torch.float64
@@ -280,6 +281,118 @@ def test_empty_map(backend: str) -> None:
 def test_double_backward_raises(backend: str) -> None:
     with pytest.raises(RuntimeError, match=r"(?i)double backward|create_graph"):
         _second_derivative(deformops.deform_roi_pool, _small(), FLOATS)
+
+
+# --- modules ----------------------------------------------------------------------------
+
+PACKS = [DeformRoIPoolPack2d, ModulatedDeformRoIPoolPack2d]
+# mmcv's parameter names and shapes for output_size (3, 4), 3 channels, 8 hidden units.
+MMCV_SHAPES = {
+    "offset_fc.0.weight": (8, 36),
+    "offset_fc.0.bias": (8,),
+    "offset_fc.2.weight": (8, 8),
+    "offset_fc.2.bias": (8,),
+    "offset_fc.4.weight": (24, 8),
+    "offset_fc.4.bias": (24,),
+}
+MMCV_MASK_SHAPES = {
+    "mask_fc.0.weight": (8, 36),
+    "mask_fc.0.bias": (8,),
+    "mask_fc.2.weight": (12, 8),
+    "mask_fc.2.bias": (12,),
+}
+
+
+def _pack(cls: type, **kwargs: Any) -> DeformRoIPoolPack2d:
+    return cls((3, 4), 3, deform_fc_channels=8, spatial_scale=0.5, gamma=0.3, **kwargs)
+
+
+def test_pool_module_is_the_function(backend: str) -> None:
+    args = make_roi_inputs()
+    pool = DeformRoIPool2d((3, 4), spatial_scale=0.5, sampling_ratio=2, gamma=0.3)
+    expected = deformops.deform_roi_pool(**{**args, "sampling_ratio": 2})
+    torch.testing.assert_close(pool(args["input"], args["rois"], args["offset"]), expected)
+    assert "sampling_ratio=2" in repr(pool)
+
+
+@pytest.mark.parametrize("cls", PACKS, ids=lambda c: c.__name__)
+def test_fresh_pack_is_roi_align(backend: str, cls: type) -> None:
+    args = _cast(make_roi_inputs(offsets=None), torch.float32)
+    out = _pack(cls)(args["input"], args["rois"])
+    scale = 0.5 if cls is ModulatedDeformRoIPoolPack2d else 1.0
+    torch.testing.assert_close(out, scale * deformops.deform_roi_pool(**args))
+
+
+@pytest.mark.parametrize("cls", PACKS, ids=lambda c: c.__name__)
+def test_pack_parameters_are_mmcv_s(cls: type) -> None:
+    expected = MMCV_SHAPES | (MMCV_MASK_SHAPES if cls is ModulatedDeformRoIPoolPack2d else {})
+    state = _pack(cls).state_dict()
+    assert {k: tuple(v.shape) for k, v in state.items()} == expected
+    last = ["offset_fc.4"] + (["mask_fc.2"] if cls is ModulatedDeformRoIPoolPack2d else [])
+    for name in last:
+        assert not state[f"{name}.weight"].any(), name
+        assert not state[f"{name}.bias"].any(), name
+
+
+def _linear(state: dict[str, torch.Tensor], name: str, x: torch.Tensor) -> torch.Tensor:
+    return x @ state[f"{name}.weight"].T + state[f"{name}.bias"]
+
+
+@pytest.mark.parametrize("cls", PACKS, ids=lambda c: c.__name__)
+def test_pack_with_an_mmcv_state_dict_matches_naive(backend: str, cls: type) -> None:
+    """A state dict in mmcv's layout loads, and the layer computes mmcv's forward: offsets
+    (and mask) from the flattened pooling without offsets."""
+    shapes = MMCV_SHAPES | (MMCV_MASK_SHAPES if cls is ModulatedDeformRoIPoolPack2d else {})
+    state = {k: 0.2 * torch.randn(shape, dtype=F64) for k, shape in shapes.items()}
+    layer = _pack(cls).double()
+    layer.load_state_dict(state)
+    args = make_roi_inputs(offsets=None)
+    out = layer(args["input"], args["rois"])
+
+    flat = naive.deform_roi_pool(**args).flatten(1)
+    hidden = _linear(state, "offset_fc.2", _linear(state, "offset_fc.0", flat).relu()).relu()
+    offset = _linear(state, "offset_fc.4", hidden).view(-1, 2, 3, 4)
+    expected = naive.deform_roi_pool(**{**args, "offset": offset})
+    if cls is ModulatedDeformRoIPoolPack2d:
+        mask = _linear(state, "mask_fc.2", _linear(state, "mask_fc.0", flat).relu()).sigmoid()
+        expected = expected * mask.view(-1, 1, 3, 4)
+    assert relative_error(out, expected) <= 1e-10
+
+
+@pytest.mark.parametrize("cls", PACKS, ids=lambda c: c.__name__)
+def test_pack_backward_reaches_every_parameter(backend: str, cls: type) -> None:
+    layer = _pack(cls)
+    for parameter in layer.parameters():
+        torch.nn.init.normal_(parameter, std=0.2)
+    args = _cast(make_roi_inputs(offsets=None), torch.float32)
+    features = args["input"].requires_grad_()
+    layer(features, args["rois"]).square().sum().backward()
+    for name, parameter in [("input", features), *layer.named_parameters()]:
+        assert parameter.grad is not None, name
+        assert parameter.grad.any(), name
+
+
+@pytest.mark.parametrize(
+    ("make", "name"),
+    [
+        (lambda: DeformRoIPoolPack2d(7, 0), "output_channels"),
+        (lambda: DeformRoIPoolPack2d(7, 3, deform_fc_channels=-1), "deform_fc_channels"),
+        (lambda: ModulatedDeformRoIPoolPack2d((7, 0), 3), "output_size"),
+        (lambda: DeformRoIPool2d(7, spatial_scale=0.0), "spatial_scale"),
+        (lambda: DeformRoIPool2d(7, gamma=float("nan")), "gamma"),
+    ],
+    ids=["output_channels", "deform_fc_channels", "output_size", "spatial_scale", "gamma"],
+)
+def test_module_construction_errors(make: Any, name: str) -> None:
+    with raises(ValueError, name):
+        make()
+
+
+@pytest.mark.parametrize("cls", PACKS, ids=lambda c: c.__name__)
+def test_pack_rejects_input_of_other_channels(cls: type) -> None:
+    args = _cast(make_roi_inputs(c=4), torch.float32)
+    with raises(ValueError, "input", "4"):
+        _pack(cls)(args["input"], args["rois"])
 
 
 # --- the native CPU kernels -------------------------------------------------------------
