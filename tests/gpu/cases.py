@@ -1,4 +1,4 @@
-"""Random inputs of both operators on a CUDA device, shared by the GPU tests and the
+"""Random inputs of the operators on a CUDA device, shared by the GPU tests and the
 compute-sanitizer script."""
 
 from __future__ import annotations
@@ -22,6 +22,14 @@ CONV_CASES = [
     (1, 6, 6, 1, 1, (1, 1), 1, 0, 1, 3, 2, False, False),
     (2, 8, 4, 9, 11, (3, 5), 2, (1, 2), 2, 1, 4, True, False),
     (3, 12, 9, 6, 6, (3, 3), 1, 2, 2, 3, 4, False, True),
+]
+
+# (N, C, H, W, K, output_size, spatial_scale, sampling_ratio, gamma, offset)
+ROI_CASES = [
+    (2, 4, 9, 11, 13, (3, 4), 0.5, 0, 0.3, True),
+    (1, 1, 1, 1, 3, 1, 1.0, 2, 0.1, True),
+    (2, 64, 16, 12, 37, 7, 0.25, 0, 0.1, False),
+    (3, 256, 8, 8, 20, (7, 5), 1.0, 2, 1.0, True),
 ]
 
 
@@ -62,4 +70,31 @@ def conv_inputs(case, device: str, dtype: torch.dtype) -> dict[str, Tensor | int
         "padding": padding,
         "dilation": dilation,
         "mask": torch.rand(n, og * k, h_out, w_out, device=device).to(dtype) if mask else None,
+    }
+
+
+def roi_inputs(
+    case, device: str, dtype: torch.dtype, coordinate_dtype: torch.dtype | None = None
+) -> dict[str, Tensor | int | float | tuple[int, int] | None]:
+    """Keyword arguments of ``deformops.deform_roi_pool``: boxes of the image (the map
+    times ``1 / spatial_scale``) that start up to 30% outside it and measure up to 80% of
+    it (one in four with x2 < x1: empty), offsets ``randn``; the RoIs and offsets in
+    ``coordinate_dtype`` (default ``dtype``)."""
+    n, c, h, w, k, output_size, spatial_scale, sampling_ratio, gamma, offset = case
+    oh, ow = (output_size, output_size) if isinstance(output_size, int) else output_size
+    coordinate_dtype = coordinate_dtype or dtype
+    extent = torch.tensor([w, h], device=device) / spatial_scale
+    corner = (torch.rand(k, 2, device=device) * 1.4 - 0.3) * extent
+    size = torch.rand(k, 2, device=device) * 0.8 * extent
+    size[::4, 0] *= -0.25
+    batch = torch.randint(0, n, (k, 1), device=device).float()
+    rois = torch.cat([batch, corner, corner + size], 1)
+    return {
+        "input": torch.randn(n, c, h, w, device=device).to(dtype),
+        "rois": rois.to(coordinate_dtype),
+        "offset": torch.randn(k, 2, oh, ow, device=device).to(coordinate_dtype) if offset else None,
+        "output_size": (oh, ow),
+        "spatial_scale": spatial_scale,
+        "sampling_ratio": sampling_ratio,
+        "gamma": gamma,
     }

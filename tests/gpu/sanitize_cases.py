@@ -9,9 +9,10 @@ import os
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS call
 
 import torch
-from cases import CONV_CASES, MSDA_CASES, conv_inputs, msda_inputs
+from cases import CONV_CASES, MSDA_CASES, ROI_CASES, conv_inputs, msda_inputs, roi_inputs
 
 import deformops
+from deformops import ops
 
 
 def run_all_cases() -> None:
@@ -29,6 +30,24 @@ def run_all_cases() -> None:
                 if kwargs[key] is not None:
                     kwargs[key].requires_grad_()
             out = deformops.deform_conv2d(**kwargs)
+            out.backward(torch.randn_like(out))
+        for case in ROI_CASES:
+            kwargs = roi_inputs(case, "cuda", dtype)
+            kwargs["rois"][0, 0] = -1.0  # a bad batch index: skipped, never read
+            for key in ("input", "offset"):
+                if kwargs[key] is not None:
+                    kwargs[key].requires_grad_()
+            out = ops.deform_roi_pool(  # without the public checks, which reject index -1
+                kwargs["input"],
+                kwargs["rois"],
+                kwargs["offset"],
+                *kwargs["output_size"],
+                kwargs["spatial_scale"],
+                kwargs["sampling_ratio"],
+                kwargs["gamma"],
+            )
+            if torch.are_deterministic_algorithms_enabled():
+                continue  # its backward has no deterministic path (it raises)
             out.backward(torch.randn_like(out))
     torch.cuda.synchronize()
 
