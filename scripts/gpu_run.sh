@@ -19,15 +19,17 @@
 #   racecheck  allocator off so that memcheck sees every allocation's bounds
 #              (log: OUTDIR/sanitizer.log)
 #   bench-msda python -m deformops bench, peers side by side, into OUTDIR/msda.json and
-#   bench-conv msda.png, conv.json and conv.png; the tables are printed in the log
+#   bench-conv msda.png, conv.json and conv.png, roi.json and roi.png (deformable RoI
+#   bench-roi  pooling beside torchvision's roi_align, the no-offset floor); the tables
+#              are printed in the log
 # All output also goes to OUTDIR/gpu_run.log. The stages before the benchmarks leave
 # them a reserve of time, so that a slow build or test run cannot crowd them out.
 # Exit status: 0 when every stage succeeded.
 #
 # Environment knobs: GPU_RUN_BUDGET (seconds for the whole run, default 540), PYTHON,
-# PEERDIR, BENCH_MSDA_IMPLS and BENCH_CONV_IMPLS (--impl lists), BENCH_ARGS (more bench
-# options, e.g. "--runs 50"; a dry run without GPU: "--device cpu --scale 0.0625
-# --runs 3 --warmup 1").
+# PEERDIR, BENCH_MSDA_IMPLS, BENCH_CONV_IMPLS and BENCH_ROI_IMPLS (--impl lists),
+# BENCH_ARGS (more bench options, e.g. "--runs 50"; a dry run without GPU: "--device cpu
+# --scale 0.0625 --runs 3 --warmup 1").
 set -u -o pipefail
 
 OUT=${1:?usage: scripts/gpu_run.sh OUTDIR}
@@ -36,7 +38,7 @@ exec > >(tee -a "$OUT/gpu_run.log") 2>&1
 TEE_PID=$!
 
 BUDGET=${GPU_RUN_BUDGET:-540}
-BENCH_RESERVE=230 # seconds kept for the two benchmark stages
+BENCH_RESERVE=275 # seconds kept for the three benchmark stages
 START=$SECONDS
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 PEERDIR=${PEERDIR:-/tmp/deformops-peer}
@@ -192,10 +194,13 @@ stage memcheck 120 "$BENCH_RESERVE" sanitize memcheck
 stage racecheck 120 "$BENCH_RESERVE" sanitize racecheck
 MSDA_IMPLS=${BENCH_MSDA_IMPLS:-deformops pytorch-grid-sample peer-deformops-3.0.1-cuda peer-deformops-3.0.1-triton}
 CONV_IMPLS=${BENCH_CONV_IMPLS:-deformops torchvision cudnn-dense}
+ROI_IMPLS=${BENCH_ROI_IMPLS:-deformops torchvision reference}
 # shellcheck disable=SC2086 # the impl lists are lists
-stage bench-msda 330 80 bench --op msda --name msda --impl $MSDA_IMPLS
+stage bench-msda 330 125 bench --op msda --name msda --impl $MSDA_IMPLS
 # shellcheck disable=SC2086
-stage bench-conv 200 0 bench --op conv --name conv --impl $CONV_IMPLS
+stage bench-conv 200 45 bench --op conv --name conv --impl $CONV_IMPLS
+# shellcheck disable=SC2086
+stage bench-roi 45 0 bench --op roi --name roi --impl $ROI_IMPLS
 
 if [[ -n $PEER_PID ]]; then
     if kill -0 "$PEER_PID" 2>/dev/null; then

@@ -290,3 +290,37 @@ def test_cpu_peak_memory_counts_live_allocations():
     measured = timing.measure(case, runs=1, warmup=0)
     inputs_mib = (x.nbytes + 4) / 2**20
     assert 12e6 / 2**20 + inputs_mib <= measured.peak_mib < 40e6 / 2**20 + inputs_mib
+
+
+def test_roi_pool_workload_on_cpu(tmp_path):
+    code, records = _bench(
+        tmp_path, *("--op", "roi", "--dtype", "fp32", "--impl", "deformops", "reference")
+    )
+    assert code == 0, records
+    assert [(r["workload"], r["impl"]) for r in records] == [
+        ("roi_k512", "deformops"),
+        ("roi_k512", "reference"),
+    ]
+    for r in records:
+        assert r["fwd_ms"] > 0
+        assert r["rel_err"] < TOLERANCE["fp32"], r
+        assert set(r["rel_err_parts"]) == {"output", "input", "offset"}
+    assert (tmp_path / "out" / "roi.png").is_file()
+
+
+def test_roi_pool_inputs_are_proposals_on_the_image():
+    workload = workloads.WORKLOADS["roi_k512"]
+    assert (workload.n, workload.channels, workload.height, workload.width) == (1, 256, 64, 64)
+    assert workload.rois == 512
+    inputs = workloads.make_inputs(workload.scaled(0.25), torch.float32, "cpu", seed=1)
+    rois = inputs["rois"]
+    assert rois.shape == (512, 5)
+    assert not rois[:, 0].any()  # one image
+    image = 64 * 0.25 / workload.spatial_scale
+    assert rois[:, 1:].min() >= 0
+    assert rois[:, 1:].max() <= image
+    sides = rois[:, 3:] - rois[:, 1:3]
+    assert sides.min() >= 0
+    assert sides.max() <= workload.roi_max * 0.25
+    assert inputs["offset"].shape == (512, 2, 7, 7)
+    assert inputs["grad_output"].shape == (512, 256, 7, 7)

@@ -30,7 +30,7 @@ from . import impls, peers, report
 from .runner import Config, Runner
 from .workloads import DTYPES, WORKLOADS
 
-OPS = ("msda", "conv")
+OPS = ("msda", "conv", "roi")
 
 
 METHOD = (
@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``bench`` options to ``parser`` (and the method to its epilog)."""
     parser.epilog = METHOD
     names = sorted({*(n for op in OPS for n in impls.IMPLS[op]), *peers.PEER_IMPLS["msda"]})
-    parser.add_argument("--op", nargs="+", choices=OPS, help="operators (default: both)")
+    parser.add_argument("--op", nargs="+", choices=OPS, help="operators (default: all)")
     parser.add_argument(
         "--workload",
         nargs="+",

@@ -20,10 +20,12 @@ import deformops
 from deformops import reference
 
 from .timing import Case
-from .workloads import ConvWorkload, MSDAWorkload, Workload, differentiable
+from .workloads import ConvWorkload, MSDAWorkload, RoiPoolWorkload, Workload, differentiable
 
-#: Which float64 computation an implementation's results are compared with.
-DEFORMABLE, DENSE = "deformable", "dense"
+#: Which float64 computation an implementation's results are compared with: the
+#: deformable operator, a dense conv2d of the convolution's shape, or the RoI pooling
+#: without offsets (RoIAlign).
+DEFORMABLE, DENSE, NO_OFFSET = "deformable", "dense", "no-offset"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,13 +35,15 @@ class Impl:
     Attributes
     ----------
     name, op : str
-        Implementation name (``--impl``) and operator (``"msda"`` or ``"conv"``).
+        Implementation name (``--impl``) and operator (``"msda"``, ``"conv"`` or
+        ``"roi"``).
     build : callable
         ``(workload, inputs) -> Case``.
     version : callable
         Version string of what is measured.
     expected : str
-        :data:`DEFORMABLE` (the operator in float64) or :data:`DENSE` (a dense conv2d).
+        :data:`DEFORMABLE` (the operator in float64), :data:`DENSE` (a dense conv2d) or
+        :data:`NO_OFFSET` (the RoI pooling without offsets: RoIAlign).
     unavailable : callable
         Why it cannot run here (None when it can).
     """
@@ -55,6 +59,8 @@ class Impl:
         """Names of the inputs whose gradients this implementation returns, in order."""
         if self.expected == DENSE:
             return _dense_inputs(workload)
+        if self.expected == NO_OFFSET:
+            return ("input",)
         return differentiable(workload)
 
 
@@ -170,6 +176,43 @@ def _dense_case(workload: Workload, inputs: dict[str, Tensor]) -> Case:
     return Case(leaves, forward, inputs["grad_output"])
 
 
+def _roi_pool_case(
+    fn: Callable[..., Tensor], offsets: bool = True
+) -> Callable[[Workload, dict[str, Tensor]], Case]:
+    """A case calling ``fn(input, rois, offset, output_size, spatial_scale, sampling_ratio,
+    gamma)`` (mmcv's argument order); without ``offsets``, ``fn(input, rois, output_size,
+    spatial_scale, sampling_ratio)`` (RoIAlign, the floor)."""
+
+    def build(workload: Workload, inputs: dict[str, Tensor]) -> Case:
+        assert isinstance(workload, RoiPoolWorkload)
+        w = workload
+        rois = inputs["rois"]
+        if not offsets:
+            leaves = _leaves(inputs, ("input",))
+            return Case(
+                leaves,
+                lambda: fn(leaves[0], rois, w.output_size, w.spatial_scale, w.sampling_ratio),
+                inputs["grad_output"],
+                [rois],
+            )
+        x, offset = leaves = _leaves(inputs, differentiable(workload))
+        return Case(
+            leaves,
+            lambda: fn(x, rois, offset, w.output_size, w.spatial_scale, w.sampling_ratio, w.gamma),
+            inputs["grad_output"],
+            [rois],
+        )
+
+    return build
+
+
+def _torchvision_roi_align(
+    input: Tensor, rois: Tensor, output_size: tuple[int, int], scale: float, ratio: int
+) -> Tensor:
+    roi_align = importlib.import_module("torchvision.ops").roi_align
+    return roi_align(input, rois, output_size, scale, ratio, aligned=True)
+
+
 def _torchvision_deform_conv2d(*args: object) -> Tensor:
     return importlib.import_module("torchvision.ops").deform_conv2d(*args)
 
@@ -221,10 +264,29 @@ IMPLS: dict[str, dict[str, Impl]] = {
             Impl("cudnn-dense", "conv", _dense_case, _torch_cudnn, expected=DENSE),
         )
     },
+    "roi": {
+        i.name: i
+        for i in (
+            Impl("deformops", "roi", _roi_pool_case(deformops.deform_roi_pool), _ours),
+            Impl("reference", "roi", _roi_pool_case(reference.deform_roi_pool), _ours),
+            Impl(
+                "torchvision",
+                "roi",
+                _roi_pool_case(_torchvision_roi_align, offsets=False),
+                _torchvision_version,
+                expected=NO_OFFSET,
+                unavailable=_torchvision_missing,
+            ),
+        )
+    },
 }
 
 #: The native-backend operator name of each benchmark operator.
-OP_NAMES = {"msda": "multi_scale_deformable_attention", "conv": "deform_conv2d"}
+OP_NAMES = {
+    "msda": "multi_scale_deformable_attention",
+    "conv": "deform_conv2d",
+    "roi": "deform_roi_pool",
+}
 
 
 def expected_results(
@@ -233,8 +295,9 @@ def expected_results(
     """Output and gradients in float64, from the (rounded) inputs converted to float64.
 
     The deformable operators use :mod:`deformops.reference` (forward, and the backward
-    that recomputes chunk by chunk, so memory stays bounded on the large workloads); the
-    dense convolution uses ``F.conv2d`` and autograd.
+    that recomputes chunk by chunk, so memory stays bounded on the large workloads), so
+    does the RoI pooling without offsets; the dense convolution uses ``F.conv2d`` and
+    autograd.
 
     Returns
     -------
@@ -249,6 +312,14 @@ def expected_results(
         out = reference.multi_scale_deformable_attention(*args)
         grads = reference.multi_scale_deformable_attention_backward(go, *args)
         return {"output": out, **dict(zip(differentiable(workload), grads, strict=True))}
+    if isinstance(workload, RoiPoolWorkload):
+        offset = x["offset"] if kind == DEFORMABLE else None
+        args = (x["input"], x["rois"], offset, workload.output_size, workload.spatial_scale)
+        args += (workload.sampling_ratio, workload.gamma)
+        out = reference.deform_roi_pool(*args)
+        g_input, g_offset = reference.deform_roi_pool_backward(go, *args)
+        result = {"output": out, "input": g_input}
+        return result if offset is None else {**result, "offset": g_offset}
     geometry = (workload.stride, workload.padding, workload.dilation)
     if kind == DENSE:
         names = _dense_inputs(workload)

@@ -75,7 +75,7 @@ def default_impls(op: str, device: str, peer_path: str | None) -> list[str]:
     can run here, and the peers (not the opt-in ones) when on CUDA with a peer folder."""
     names = [name for name, impl in impls.IMPLS[op].items() if impl.unavailable() is None]
     if torch.device(device).type == "cuda" and peers.peer_path_problem(peer_path) is None:
-        names += [p for p in peers.PEER_IMPLS[op] if (op, p) not in peers.OPT_IN]
+        names += [p for p in peers.PEER_IMPLS.get(op, ()) if (op, p) not in peers.OPT_IN]
     return names
 
 
@@ -84,7 +84,7 @@ def impls_for(op: str, config: Config) -> list[str]:
     else :func:`default_impls`."""
     if config.impls is None:
         return default_impls(op, config.device, config.peer_path)
-    known = [*impls.IMPLS[op], *peers.PEER_IMPLS[op]]
+    known = [*impls.IMPLS[op], *peers.PEER_IMPLS.get(op, ())]
     return [name for name in config.impls if name in known]
 
 

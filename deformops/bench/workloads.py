@@ -7,7 +7,11 @@ same seed, exactly the inputs that the harness gives to its own implementations.
 Inputs are random, never zeros: ``value``/``input``/``weight``/``bias`` are ``randn``,
 sampling locations uniform in [0, 1], attention weights a softmax of ``randn`` over the
 ``L*P`` points of each query and head, offsets ``2*randn`` pixels, mask uniform in [0, 1],
-and the gradient of the output ``randn``. Everything is drawn in float32 from one
+and the gradient of the output ``randn``. The RoIs of the RoI pooling are detection
+proposals on the image that the map covers (``1 / spatial_scale`` times its size): centres
+uniform over the image, width and height each log-uniform between ``roi_min`` and
+``roi_max`` image pixels, clipped to the image, batch indices uniform over the batch; their
+offsets are ``randn`` (bins moved by ``gamma`` = 0.1 times the RoI size, times ``randn``). Everything is drawn in float32 from one
 generator seeded with ``seed`` on the target device, then rounded to the benchmark dtype
 (locations and weights included).
 """
@@ -15,6 +19,7 @@ generator seeded with ``seed`` on the target device, then rounded to the benchma
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -101,7 +106,38 @@ class ConvWorkload:
         )
 
 
-Workload = MSDAWorkload | ConvWorkload
+@dataclasses.dataclass(frozen=True)
+class RoiPoolWorkload:
+    """A deformable RoI pooling problem: ``rois`` RoIs on an ``[n, channels, height,
+    width]`` map of stride ``1 / spatial_scale``, with offsets, adaptive sampling
+    (``sampling_ratio`` 0) and ``gamma`` 0.1 (mmcv's defaults)."""
+
+    op: ClassVar[str] = "roi"
+    name: str
+    n: int
+    channels: int
+    height: int
+    width: int
+    rois: int
+    output_size: tuple[int, int] = (7, 7)
+    spatial_scale: float = 1 / 16
+    sampling_ratio: int = 0
+    gamma: float = 0.1
+    roi_min: float = 16.0  # smallest RoI side, image pixels
+    roi_max: float = 512.0  # largest RoI side, image pixels
+
+    def scaled(self, scale: float) -> RoiPoolWorkload:
+        """The workload with ``H``, ``W`` and the RoI sides times ``scale``."""
+        return dataclasses.replace(
+            self,
+            height=_scaled(self.height, scale),
+            width=_scaled(self.width, scale),
+            roi_min=self.roi_min * scale,
+            roi_max=self.roi_max * scale,
+        )
+
+
+Workload = MSDAWorkload | ConvWorkload | RoiPoolWorkload
 
 _DETR_LEVELS = ((100, 150), (50, 75), (25, 38), (13, 19))
 
@@ -114,6 +150,7 @@ WORKLOADS: dict[str, Workload] = {
         MSDAWorkload("detr_dec", 8, _DETR_LEVELS, 900, 8, 32, 4),
         ConvWorkload("r50_dcn", 8, 256, 256, 64, 64),
         ConvWorkload("hires_dcn", 16, 64, 64, 128, 128),
+        RoiPoolWorkload("roi_k512", 1, 256, 64, 64, 512),
     )
 }
 
@@ -137,6 +174,9 @@ def from_dict(spec: dict[str, Any]) -> Workload:
     if spec["op"] == "msda":
         fields["levels"] = tuple(tuple(level) for level in fields["levels"])
         return MSDAWorkload(**fields)
+    if spec["op"] == "roi":
+        fields["output_size"] = tuple(fields["output_size"])
+        return RoiPoolWorkload(**fields)
     for key in ("kernel", "stride", "padding", "dilation"):
         fields[key] = tuple(fields[key])
     return ConvWorkload(**fields)
@@ -146,6 +186,8 @@ def differentiable(workload: Workload) -> tuple[str, ...]:
     """Names of the inputs that receive a gradient, in the order results are compared."""
     if isinstance(workload, MSDAWorkload):
         return ("value", "sampling_locations", "attention_weights")
+    if isinstance(workload, RoiPoolWorkload):
+        return ("input", "offset")
     names = ["input", "offset"]
     if workload.mask:
         names.append("mask")
@@ -162,7 +204,7 @@ def make_inputs(
 
     Parameters
     ----------
-    workload : MSDAWorkload or ConvWorkload
+    workload : MSDAWorkload, ConvWorkload or RoiPoolWorkload
         The problem.
     dtype : torch.dtype
         Dtype of every floating tensor (drawn in float32, then rounded).
@@ -179,7 +221,9 @@ def make_inputs(
         [N, Q, M, L, P]``, ``grad_output [N, Q, M*D]``. Convolution: ``input [N, C_in, H,
         W]``, ``offset [N, 2*G*kh*kw, H_out, W_out]``, ``mask [N, G*kh*kw, H_out, W_out]``,
         ``weight [C_out, C_in, kh, kw]``, ``bias [C_out]`` (the last three when the workload
-        has them), ``grad_output [N, C_out, H_out, W_out]``. Not requiring grad.
+        has them), ``grad_output [N, C_out, H_out, W_out]``. RoI pooling: ``input [N, C, H,
+        W]``, ``rois [K, 5]``, ``offset [K, 2, out_h, out_w]``, ``grad_output [K, C, out_h,
+        out_w]``. Not requiring grad.
     """
     device = torch.device(device)
     generator = torch.Generator(device=device)
@@ -213,6 +257,23 @@ def make_inputs(
             [sum(sizes[:i]) for i in range(levels)], dtype=torch.int64, device=device
         )
         return out
+    if isinstance(workload, RoiPoolWorkload):
+        k, (oh, ow) = workload.rois, workload.output_size
+        image = torch.tensor([workload.width, workload.height], device=device)
+        image = image / workload.spatial_scale
+        centre = rand(k, 2) * image
+        log_min, log_max = math.log(workload.roi_min), math.log(workload.roi_max)
+        size = torch.exp(log_min + rand(k, 2) * (log_max - log_min))
+        low = torch.minimum(torch.maximum(centre - size / 2, image.new_zeros(2)), image)
+        high = torch.minimum(torch.maximum(centre + size / 2, image.new_zeros(2)), image)
+        batch = torch.floor(rand(k, 1) * workload.n).clamp(max=workload.n - 1)
+        tensors = {
+            "input": randn(workload.n, workload.channels, workload.height, workload.width),
+            "rois": torch.cat([batch, low, high], 1),
+            "offset": randn(k, 2, oh, ow),
+            "grad_output": randn(k, workload.channels, oh, ow),
+        }
+        return {name: t.to(dtype) for name, t in tensors.items()}
     kh, kw = workload.kernel
     h_out, w_out = workload.out_size
     points = workload.offset_groups * kh * kw
