@@ -13,7 +13,6 @@
 
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
 
 namespace deformops::gpu {
 
@@ -263,24 +262,6 @@ __device__ __forceinline__ A lane_sum(A v, int first, int end, unsigned int mask
     v += __shfl_xor_sync(mask, v, offset);
   }
   return v;
-}
-
-// p[0, N) += v[0, N) (not atomic), with 16-byte accesses where they fit.
-template <int N, typename T>
-__device__ __forceinline__ void add_vector(T* p, const T (&v)[N]) {
-  if constexpr (std::is_same_v<T, float> && N % 4 == 0) {
-#pragma unroll
-    for (int e = 0; e < N; e += 4) {
-      float4* q = reinterpret_cast<float4*>(p + e);
-      const float4 old = *q;
-      *q = make_float4(old.x + v[e], old.y + v[e + 1], old.z + v[e + 2], old.w + v[e + 3]);
-    }
-  } else {
-#pragma unroll
-    for (int e = 0; e < N; ++e) {
-      p[e] += v[e];
-    }
-  }
 }
 
 // Whether `p` is aligned to `bytes` (a power of two).

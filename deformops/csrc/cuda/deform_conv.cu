@@ -180,6 +180,24 @@ __device__ __forceinline__ void widen_raw(const Raw<V, VEC>& raw, bool present, 
   }
 }
 
+// p[0, N) += v[0, N) (not atomic), with 16-byte accesses where they fit.
+template <int N, typename T>
+__device__ __forceinline__ void add_vector(T* p, const T (&v)[N]) {
+  if constexpr (std::is_same_v<T, float> && N % 4 == 0) {
+#pragma unroll
+    for (int e = 0; e < N; e += 4) {
+      float4* q = reinterpret_cast<float4*>(p + e);
+      const float4 old = *q;
+      *q = make_float4(old.x + v[e], old.y + v[e + 1], old.z + v[e + 2], old.w + v[e + 3]);
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < N; ++e) {
+      p[e] += v[e];
+    }
+  }
+}
+
 // Per sample s = (og * P + p) * K + k of a chunk, what the input-gradient gather
 // needs: its bilinear cell, its rank in the cell, and its corner weights times
 // the mask.

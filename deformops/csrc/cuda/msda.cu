@@ -20,9 +20,7 @@ cudaError_t backward(const MsdaInputs& in, const void* grad_output, const MsdaGr
 
 size_t msda_gather_workspace_bytes(const MsdaSizes& sizes, Dtype value_dtype) {
   const size_t acc_bytes = value_dtype == Dtype::kFloat64 ? sizeof(double) : sizeof(float);
-  const size_t value_bytes =
-      value_dtype == Dtype::kFloat16 || value_dtype == Dtype::kBFloat16 ? 2 : acc_bytes;
-  const msda_detail::GatherPlan plan = msda_detail::gather_plan(sizes, acc_bytes, value_bytes);
+  const msda_detail::GatherPlan plan = msda_detail::gather_plan(sizes, acc_bytes);
   return plan.valid ? plan.total : 0;
 }
 

@@ -78,10 +78,8 @@ cudaError_t msda_backward(const MsdaInputs& inputs, const void* grad_output,
 
 // Bytes of the gather_workspace of the deterministic backward: about 32 bytes
 // (48 for float64) per sample of up to 2^22 samples (at least one image's
-// samples) and 8 bytes per cell, 2 * (S + L) cells per (n, m) of as many images,
-// plus, for half-precision values, a float32 accumulator of those images' value
-// gradient (4 bytes per element). 0 when an image has 2^31 samples or cells or
-// more (unsupported).
+// samples) and 8 bytes per cell, 2 * (S + L) cells per (n, m) of as many images.
+// 0 when an image has 2^31 samples or cells or more (unsupported).
 size_t msda_gather_workspace_bytes(const MsdaSizes& sizes, Dtype value_dtype);
 
 // Number of float32 elements a grad_value_workspace must hold: N*S*M*D.

@@ -24,8 +24,7 @@ constexpr int64_t kGatherSamples = int64_t{1} << 22;
 
 // Chunks and workspace of the deterministic backward. A chunk of `images`
 // images files its `samples` samples under `keys` = images * M * pair_cells
-// cell keys, (n - n_begin, m, cell) in that order, and sums their value
-// gradient in an accumulator of the chunk's images. Byte offsets in the
+// cell keys, (n - n_begin, m, cell) in that order. Byte offsets in the
 // workspace, each 16-byte aligned:
 struct GatherPlan {
   bool valid;  // every index fits 32 bits
@@ -35,14 +34,11 @@ struct GatherPlan {
   size_t cell_keys, sorted_keys;  // [samples] uint32
   size_t ids, sorted_ids;         // [samples] int32: the samples, and in key order
   size_t weights;                 // [samples] Quad<A>
-  size_t accumulator;             // [images, S, M, D] A, when the value type is not A
   size_t scan_scratch, scan_scratch_bytes, sort_scratch, sort_scratch_bytes;
   size_t total;
 };
 
-// acc_bytes: size of the accumulation type A; value_bytes: of the value's type
-// (the value gradient is accumulated in place when they are equal).
-inline GatherPlan gather_plan(const MsdaSizes& s, size_t acc_bytes, size_t value_bytes) {
+inline GatherPlan gather_plan(const MsdaSizes& s, size_t acc_bytes) {
   constexpr int64_t kLimit = (int64_t{1} << 31) - 2;
   GatherPlan p{};
   const int64_t per_image = s.queries * s.heads * s.levels * s.points;
@@ -77,10 +73,6 @@ inline GatherPlan gather_plan(const MsdaSizes& s, size_t acc_bytes, size_t value
   p.ids = take(samples * sizeof(int32_t));
   p.sorted_ids = take(samples * sizeof(int32_t));
   p.weights = take(samples * 4 * acc_bytes);
-  p.accumulator = take(acc_bytes == value_bytes
-                           ? 0
-                           : static_cast<size_t>(p.images * s.spatial * s.heads * s.channels) *
-                                 acc_bytes);
   const auto larger = [](size_t x, size_t y) { return x > y ? x : y; };
   p.scan_scratch_bytes =
       larger(exclusive_sum_scratch_bytes(static_cast<int32_t>(p.keys + 1)),

@@ -36,15 +36,12 @@
 //  2. a scan of the counts gives each cell's start, and a stable radix sort of
 //     (cell, sample) pairs (sort.h) lists the samples of each cell in sample
 //     order;
-//  3. gather_kernel, once per parity class of the cells (two cells of a class
-//     share no corner): a team of lanes per cell sums, over its samples in
-//     that order, corner weight * grad_output for each of its four corners (so
-//     every sample is read once), and adds the sums into the corners' value
-//     gradient with plain read-modify-writes, in float32 (float64; half types:
-//     a float32 accumulator, rounded once at the end).
+//  3. gather_kernel: a team of lanes per (n, position, m) sums, over the four
+//     cells that have the position as a corner and their samples in that
+//     order, weight * grad_output, in float32 (float64), and writes the
+//     element once (half types: one rounding).
 // The images are processed in chunks of a bounded number of samples, so that
-// the workspace (about 32 bytes per sample, 8 per cell, and the chunk's
-// accumulator for half types) stays bounded.
+// the workspace (about 32 bytes per sample, 8 per cell) stays bounded.
 #pragma once
 
 #include <atomic>
@@ -742,28 +739,21 @@ __global__ void __launch_bounds__(kBlock)
 constexpr int kGatherBatch = 4;
 
 // Resident blocks per SM the gather is compiled for: 3 (80 registers) when a
-// lane's four corner sums of VEC channels take 32 bytes or less, 2 (128)
-// otherwise, so that nothing spills (scripts/check_cuda_compile.py).
+// lane's sums of VEC channels take 16 bytes or less, 2 (128) otherwise, so that
+// nothing spills (scripts/check_cuda_compile.py).
 template <typename T>
 constexpr int gather_blocks(int vec) {
-  return sizeof(T) < 8 && vec * sizeof(acc_type<T>) <= 8 ? 3 : 2;
+  return sizeof(T) < 8 && vec * sizeof(acc_type<T>) <= 16 ? 3 : 2;
 }
 
-// The cells of one parity class: `color` = 2 * (cy & 1) + (cx & 1) for the cell
-// (cy, cx) of a level (its corners are the positions (cy - 1 + a, cx - 1 + b),
-// a, b in {0, 1}). Two cells of a class share no corner, so one launch per class
-// adds every cell's sums into its four corners with plain read-modify-writes,
-// and a position's sum runs in a fixed order: class by class, and sample order
-// within a cell.
-//
-// One team of 2^log_c lanes per cell of the chunk (those of other classes leave
-// at once), each lane VEC channels at a time: the four sums, over the cell's
-// samples in sample order, of corner weight q * grad_output, added into
-// `acc` [images, S, M, D] (the chunk's value gradient, in the accumulation type).
+// One team of 2^log_c lanes per (n, position, m) of the chunk, each lane VEC
+// channels at a time: the element's value gradient, the sum over the levels
+// holding the position, the four cells that have it as corner q (in order of
+// q) and their samples (in sample order) of weight q * grad_output.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kBlock, gather_blocks<T>(VEC))
     gather_kernel(const Args<T> a, const Filing<acc_type<T>> f, const T* __restrict__ grad_output,
-                  acc_type<T>* __restrict__ acc, int log_c, int color) {
+                  T* __restrict__ grad_value, int log_c) {
   using A = acc_type<T>;
   const MsdaSizes& s = a.s;
   const int64_t lanes = int64_t{1} << log_c;
@@ -771,122 +761,102 @@ __global__ void __launch_bounds__(kBlock, gather_blocks<T>(VEC))
   const int64_t vectors = s.channels / VEC;
   const int64_t per_row = s.levels * s.points;
   const int64_t first_row = f.n_begin * s.queries * s.heads;
-  const int64_t threads = (f.images * s.heads * f.cells) << log_c;
+  const int64_t threads = (f.images * s.spatial * s.heads) << log_c;
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * kBlock + threadIdx.x; t < threads;
        t += static_cast<int64_t>(gridDim.x) * kBlock) {
-    const int64_t key = t >> log_c;  // (n - n_begin, m, cell), as file_kernel files them
-    const int32_t begin = f.starts[key];
-    const int32_t end = f.starts[key + 1];
-    if (begin == end) {
-      continue;
-    }
-    const int64_t cell = key % f.cells;
-    const int64_t pair = key / f.cells;  // (n - n_begin) * M + m
-    // The cell's level, and its (cy, cx) there.
-    int64_t level_begin = 0, l = 0, h = 0, w = 0;
-    for (; l < s.levels; ++l) {
-      h = __ldg(a.spatial_shapes + 2 * l);
-      w = __ldg(a.spatial_shapes + 2 * l + 1);
-      const int64_t cells = level_cells(h, w, f.cells);
-      if (cell < level_begin + cells) {
-        break;
-      }
-      level_begin += cells;
-    }
-    if (l == s.levels) {
-      continue;
-    }
-    const int64_t cy = (cell - level_begin) / (w + 1);
-    const int64_t cx = cell - level_begin - cy * (w + 1);
-    if (((cy & 1) << 1 | (cx & 1)) != color) {
-      continue;
-    }
-    const int64_t start = __ldg(a.level_start + l);
+    const int64_t team = t >> log_c;
+    const int64_t m = team % s.heads;
+    const int64_t element = team / s.heads;  // (n - n_begin) * S + position
+    const int64_t pos = element % s.spatial;
+    const int64_t pair = (element / s.spatial * s.heads + m) * f.cells;
+    T* out = grad_value + ((f.n_begin * s.spatial + element) * s.heads + m) * s.channels;
     for (int64_t v = lane; v < vectors; v += lanes) {
       const int64_t d = v * VEC;
-      A sum[4][VEC] = {};
-      for (int32_t i0 = begin; i0 < end; i0 += kGatherBatch) {
-        int32_t id[kGatherBatch];
-        Quad<A> weight[kGatherBatch];
-        A g[kGatherBatch][VEC];
-#pragma unroll
-        for (int b = 0; b < kGatherBatch; ++b) {
-          id[b] = i0 + b < end ? f.sorted_ids[i0 + b] : -1;
+      A sum[VEC] = {};
+      int64_t begin = 0;  // the level's first cell
+      for (int64_t l = 0; l < s.levels; ++l) {
+        const int64_t h = __ldg(a.spatial_shapes + 2 * l);
+        const int64_t w = __ldg(a.spatial_shapes + 2 * l + 1);
+        const int64_t level_begin = begin;
+        begin += level_cells(h, w, f.cells);
+        begin = begin < f.cells ? begin : f.cells;
+        const int64_t local = pos - __ldg(a.level_start + l);
+        if (h <= 0 || w <= 0 || h >= f.cells || w >= f.cells || local < 0 || local >= h * w) {
+          continue;
         }
+        const int64_t y = local / w;
+        const int64_t x = local - y * w;
 #pragma unroll
-        for (int b = 0; b < kGatherBatch; ++b) {
-#pragma unroll
-          for (int e = 0; e < VEC; ++e) {
-            g[b][e] = A(0);
+        for (int q = 0; q < 4; ++q) {
+          const int64_t cell = level_begin + (y + 1 - (q >> 1)) * (w + 1) + (x + 1 - (q & 1));
+          if (cell >= f.cells) {
+            continue;
           }
-          if (id[b] >= 0) {
-            weight[b] = reinterpret_cast<const Quad<A>*>(f.weights)[id[b]];
-            load_vec<VEC>(grad_output + (first_row + id[b] / per_row) * s.channels + d, g[b]);
-          }
-        }
+          const int32_t end = f.starts[pair + cell + 1];
+          for (int32_t i0 = f.starts[pair + cell]; i0 < end; i0 += kGatherBatch) {
+            int32_t id[kGatherBatch];
+            A weight[kGatherBatch];
 #pragma unroll
-        for (int b = 0; b < kGatherBatch; ++b) {
-          if (id[b] >= 0) {
+            for (int b = 0; b < kGatherBatch; ++b) {
+              id[b] = i0 + b < end ? f.sorted_ids[i0 + b] : 0;
+            }
 #pragma unroll
-            for (int q = 0; q < 4; ++q) {
+            for (int b = 0; b < kGatherBatch; ++b) {
+              weight[b] = i0 + b < end ? f.weights[4 * int64_t{id[b]} + q] : A(0);
+            }
+            A g[kGatherBatch][VEC];
+#pragma unroll
+            for (int b = 0; b < kGatherBatch; ++b) {
 #pragma unroll
               for (int e = 0; e < VEC; ++e) {
-                sum[q][e] += weight[b].w[q] * g[b][e];
+                g[b][e] = A(0);
+              }
+              if (weight[b] != A(0)) {
+                load_vec<VEC>(grad_output + (first_row + id[b] / per_row) * s.channels + d, g[b]);
+              }
+            }
+#pragma unroll
+            for (int b = 0; b < kGatherBatch; ++b) {
+              if (weight[b] != A(0)) {
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) {
+                  sum[e] += weight[b] * g[b][e];
+                }
               }
             }
           }
         }
       }
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const int64_t y = cy - 1 + (q >> 1);
-        const int64_t x = cx - 1 + (q & 1);
-        const int64_t pos = start + y * w + x;
-        if (y < 0 || y >= h || x < 0 || x >= w || pos < 0 || pos >= s.spatial) {
-          continue;
-        }
-        A* out = acc + ((pair / s.heads * s.spatial + pos) * s.heads + pair % s.heads) *
-                           s.channels + d;
-        add_vector<VEC>(out, sum[q]);
-      }
+      store_vec_streaming<VEC>(out + d, sum);
     }
   }
 }
 
-// Channels per vector of the gather: the most (16 bytes of T at most) that
-// divide D, with grad_output aligned to the vector and the accumulator to its
-// accesses (add_vector: 16 bytes at most).
+// Channels per vector of the gather: the most (16 bytes at most) that divide D,
+// with grad_output and grad_value aligned to the vector.
 template <typename T>
-int gather_vector_width(const MsdaSizes& s, const void* grad_output, const void* acc) {
+int gather_vector_width(const MsdaSizes& s, const void* grad_output, const void* grad_value) {
   for (int vec = 16 / static_cast<int>(sizeof(T)); vec > 1; vec /= 2) {
-    const size_t acc_bytes = vec * sizeof(acc_type<T>);
     if (s.channels % vec == 0 && is_aligned(grad_output, vec * sizeof(T)) &&
-        is_aligned(acc, acc_bytes < 16 ? acc_bytes : 16)) {
+        is_aligned(grad_value, vec * sizeof(T))) {
       return vec;
     }
   }
   return 1;
 }
 
-// Launches gather_kernel for the four cell classes in turn, with vectors of
-// `vec` channels (gather_vector_width).
+// Launches gather_kernel with vectors of `vec` channels (gather_vector_width).
 template <typename T>
 cudaError_t launch_gather(int vec, const Args<T>& a, const Filing<acc_type<T>>& f,
-                          const T* grad_output, acc_type<T>* acc, cudaStream_t stream) {
+                          const T* grad_output, T* grad_value, cudaStream_t stream) {
   const auto launch = [&](auto width) {
     constexpr int VEC = decltype(width)::value;
     const int64_t vectors = a.s.channels / VEC;
     const int log_c = ceil_log2(vectors < 32 ? vectors : 32);
-    const int64_t threads = (f.images * a.s.heads * f.cells) << log_c;
-    for (int color = 0; color < 4; ++color) {
-      gather_kernel<T, VEC><<<grid_for(threads), kBlock, 0, stream>>>(a, f, grad_output, acc,
-                                                                       log_c, color);
-      const cudaError_t status = cudaGetLastError();
-      if (status != cudaSuccess) {
-        return status;
-      }
-    }
-    return cudaSuccess;
+    const int64_t threads = (f.images * a.s.spatial * a.s.heads) << log_c;
+    gather_kernel<T, VEC><<<grid_for(threads), kBlock, 0, stream>>>(a, f, grad_output,
+                                                                     grad_value, log_c);
+    return cudaGetLastError();
   };
   constexpr int kMaxVec = 16 / static_cast<int>(sizeof(T));
   if constexpr (kMaxVec >= 8) {
@@ -911,7 +881,7 @@ cudaError_t gather_value_grad(const MsdaInputs& in, const T* grad_output, T* gra
                               void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   using A = acc_type<T>;
   const MsdaSizes& s = in.sizes;
-  const GatherPlan plan = gather_plan(s, sizeof(A), sizeof(T));
+  const GatherPlan plan = gather_plan(s, sizeof(A));
   if (!plan.valid || workspace_bytes < plan.total || !is_aligned(workspace, 16)) {
     return cudaErrorInvalidValue;
   }
@@ -921,12 +891,7 @@ cudaError_t gather_value_grad(const MsdaInputs& in, const T* grad_output, T* gra
   const Args<T> a = make_args<T>(in, Layout{});
   char* base = static_cast<char*>(workspace);
   const int64_t per_image = s.queries * s.heads * s.levels * s.points;
-  const int64_t image_elements = s.spatial * s.heads * s.channels;
-  // The chunk's value gradient is summed in place (T = A) or in the accumulator.
-  constexpr bool kInPlace = std::is_same_v<T, A>;
-  A* const accumulator = reinterpret_cast<A*>(base + plan.accumulator);
-  const int vec = gather_vector_width<T>(
-      s, grad_output, kInPlace ? static_cast<void*>(grad_value) : accumulator);
+  const int vec = gather_vector_width<T>(s, grad_output, grad_value);
   for (int64_t n = 0; n < s.batch; n += plan.images) {
     Filing<A> f;
     f.n_begin = n;
@@ -940,13 +905,8 @@ cudaError_t gather_value_grad(const MsdaInputs& in, const T* grad_output, T* gra
     f.ids = reinterpret_cast<int32_t*>(base + plan.ids);
     f.sorted_ids = reinterpret_cast<const int32_t*>(base + plan.sorted_ids);
     f.weights = reinterpret_cast<A*>(base + plan.weights);
-    A* const acc = kInPlace ? reinterpret_cast<A*>(grad_value + n * image_elements) : accumulator;
-    const int64_t elements = f.images * image_elements;
     cudaError_t status =
         cudaMemsetAsync(f.counts, 0, static_cast<size_t>(f.keys + 1) * sizeof(int32_t), stream);
-    if (status == cudaSuccess) {
-      status = cudaMemsetAsync(acc, 0, static_cast<size_t>(elements) * sizeof(A), stream);
-    }
     if (status != cudaSuccess) {
       return status;
     }
@@ -962,12 +922,7 @@ cudaError_t gather_value_grad(const MsdaInputs& in, const T* grad_output, T* gra
                           base + plan.sort_scratch, plan.sort_scratch_bytes, stream);
     }
     if (status == cudaSuccess) {
-      status = launch_gather<T>(vec, a, f, grad_output, acc, stream);
-    }
-    if constexpr (!kInPlace) {
-      if (status == cudaSuccess) {
-        status = narrow_into(accumulator, grad_value + n * image_elements, elements, stream);
-      }
+      status = launch_gather<T>(vec, a, f, grad_output, grad_value, stream);
     }
     if (status != cudaSuccess) {
       return status;
