@@ -8,7 +8,8 @@
 #   setup      install .whl/*.whl if any (--no-index), install the published peer
 #              .peer/deformops-*.whl into its own --target folder ($PEERDIR); then the
 #              peer's CUDA build (minutes) starts in the background, niced, so that it
-#              overlaps the stages below (log: OUTDIR/peer_build.log)
+#              overlaps the stages below; the benchmarks wait for it to end, so that
+#              they time on a quiet GPU (log: OUTDIR/peer_build.log)
 #   build      python -m deformops build --device cpu, then --device cuda, timed, into a
 #              fresh cache (unless DEFORMOPS_CACHE_DIR is set): the cold build (while
 #              the peer builds)
@@ -192,6 +193,18 @@ stage check 120 "$BENCH_RESERVE" check
 stage tests 200 "$BENCH_RESERVE" tests
 stage memcheck 120 "$BENCH_RESERVE" sanitize memcheck
 stage racecheck 120 "$BENCH_RESERVE" sanitize racecheck
+# The benchmarks time on a quiet GPU: the peer's warm-up (its build, then its first
+# calls) must be over before they start.
+if [[ -n $PEER_PID ]]; then
+    if kill -0 "$PEER_PID" 2>/dev/null; then
+        echo "waiting for the peer warm-up to finish before the benchmarks"
+    fi
+    wait "$PEER_PID"
+    echo "peer warm-up: exit code $?" >>"$OUT/peer_build.log"
+    echo
+    echo "=== peer build (tail) ==="
+    tail -n 12 "$OUT/peer_build.log"
+fi
 MSDA_IMPLS=${BENCH_MSDA_IMPLS:-deformops pytorch-grid-sample peer-deformops-3.0.1-cuda peer-deformops-3.0.1-triton}
 CONV_IMPLS=${BENCH_CONV_IMPLS:-deformops torchvision cudnn-dense}
 ROI_IMPLS=${BENCH_ROI_IMPLS:-deformops torchvision reference}
@@ -202,17 +215,6 @@ stage bench-conv 200 45 bench --op conv --name conv --impl $CONV_IMPLS
 # shellcheck disable=SC2086
 stage bench-roi 45 0 bench --op roi --name roi --impl $ROI_IMPLS
 
-if [[ -n $PEER_PID ]]; then
-    if kill -0 "$PEER_PID" 2>/dev/null; then
-        echo "the peer warm-up is still running: stopping it"
-        kill "$PEER_PID"
-    fi
-    wait "$PEER_PID"
-    echo "peer warm-up: exit code $?" >>"$OUT/peer_build.log"
-    echo
-    echo "=== peer build (tail) ==="
-    tail -n 12 "$OUT/peer_build.log"
-fi
 echo
 echo "=== summary ($((SECONDS - START)) s of $BUDGET) ==="
 printf '%s\n' "${SUMMARY[@]}"
