@@ -1,10 +1,13 @@
 """``deformops.integrations.torchvision`` without torchvision, as in CI (where torchvision
 cannot be imported): a clear ImportError, nothing patched, and no integration imports its
 library before ``patch()``. The patch itself is tested against torchvision on the GPU host
-(``tests/gpu/test_cuda_torchvision.py``)."""
+(``tests/gpu/test_cuda_torchvision.py``). Also: the docstring examples of every
+integration module run."""
 
 from __future__ import annotations
 
+import doctest
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -50,3 +53,11 @@ def test_importing_deformops_imports_no_integrated_library() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("module", ["__init__", "_patching", "mmcv", "torchvision", "transformers"])
+def test_docstring_examples_run(module: str) -> None:
+    name = "deformops.integrations" + ("" if module == "__init__" else f".{module}")
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0
+    assert result.failed == 0

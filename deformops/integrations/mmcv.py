@@ -42,34 +42,7 @@ IntPair = int | tuple[int, int]
 
 
 class _DeformConv2dPack(DeformConv2d):
-    """mmcv's constructor around :class:`deformops.nn.DeformConv2d`."""
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: IntPair,
-        stride: IntPair = 1,
-        padding: IntPair = 0,
-        dilation: IntPair = 1,
-        groups: int = 1,
-        deform_groups: int = 1,
-        bias: bool = True,
-        *,
-        modulated: bool,
-    ) -> None:
-        super().__init__(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride,
-            padding,
-            dilation,
-            groups,
-            offset_groups=deform_groups,
-            bias=bias,
-            modulated=modulated,
-        )
+    """mmcv's name of ``offset_groups`` on :class:`deformops.nn.DeformConv2d`."""
 
     @property
     def deform_groups(self) -> int:
@@ -129,8 +102,8 @@ class ModulatedDeformConv2dPack(_DeformConv2dPack):
             padding,
             dilation,
             groups,
-            deform_groups,
-            bias,
+            offset_groups=deform_groups,
+            bias=bias,
             modulated=True,
         )
 
@@ -198,7 +171,7 @@ class DeformConv2dPack(_DeformConv2dPack):
             padding,
             dilation,
             groups,
-            deform_groups,
+            offset_groups=deform_groups,
             bias=False,
             modulated=False,
         )
