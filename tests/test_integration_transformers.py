@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -187,3 +189,19 @@ def test_missing_transformers_is_a_clear_import_error(monkeypatch: pytest.Monkey
     with pytest.raises(ImportError, match=r"needs transformers \(pip install transformers\)"):
         hf_integration.patch()
     assert not hf_integration.is_patched()
+
+
+MIGRATING = Path(__file__).resolve().parents[1] / "docs" / "migrating.md"
+
+
+def test_migrating_page_python_blocks_run() -> None:
+    """The page's examples, except those that need torchvision, mmcv or mmdet."""
+    text = MIGRATING.read_text(encoding="utf-8")
+    blocks = re.findall(r"^```python[ \t]*\n(.*?)^```", text, flags=re.DOTALL | re.MULTILINE)
+    runnable = [
+        b for b in blocks if not re.search(r"^import (torchvision|mmdet)|^from mmengine", b, re.M)
+    ]
+    assert len(blocks) == 5
+    assert len(runnable) == 3
+    for index, block in enumerate(runnable):
+        exec(compile(block, f"docs/migrating.md python block {index + 1}", "exec"), {})

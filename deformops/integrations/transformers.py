@@ -48,8 +48,6 @@ from ._patching import MISSING, Patch
 
 __all__ = ["MODELS", "is_patched", "patch", "unpatch"]
 
-#: The ``transformers.models`` packages whose attention :func:`patch` replaces, where the
-#: installed transformers has them.
 MODELS = (
     "deformable_detr",
     "mask2former",
@@ -64,6 +62,8 @@ MODELS = (
     "pp_doclayout_v3",
     "pp_doclayout_v4",
 )
+"""The ``transformers.models`` packages whose attention :func:`patch` replaces, where the
+installed transformers has them."""
 
 _PATCH = Patch()
 _patched_models: tuple[str, ...] = ()
