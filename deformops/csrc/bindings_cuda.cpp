@@ -15,8 +15,8 @@
 //   unset or "auto" - the default: "fp32" for bfloat16 and "direct" for float16.
 // Under torch.use_deterministic_algorithms(True) both backward passes take their
 // deterministic paths (the same gradients, bit for bit, at every run): msda_backward
-// scatters the value gradient in 64-bit fixed point, whose integer sums do not depend
-// on their order (the setting above then does not apply: one rounding per element), and
+// gathers the value gradient in a fixed order instead of scattering it with atomics
+// (the setting above then does not apply: one rounding per element), and
 // deform_conv2d_backward sums the input gradient in sample order;
 // deform_roi_pool_backward has no deterministic path (its input gradient is an
 // atomic scatter) and raises there, as torchvision's roi_align backward does.
@@ -154,16 +154,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> msda_backward_cuda(
   if (!deterministic && half && half_grad_in_float32(value.scalar_type())) {
     workspace = at::empty({gpu::msda_workspace_elements(s)}, value.options().dtype(at::kFloat));
   }
-  const size_t deterministic_bytes =
-      deterministic ? gpu::msda_deterministic_workspace_bytes(s) : 0;
-  const c10::DataPtr deterministic_workspace = scratch(deterministic_bytes);
+  const size_t gather_bytes =
+      deterministic ? gpu::msda_gather_workspace_bytes(s, t.inputs.value_dtype) : 0;
+  TORCH_CHECK(!deterministic || gather_bytes > 0 || s.batch == 0,
+              "deformops: the deterministic backward of multi_scale_deformable_attention needs "
+              "fewer than 2^31 samples (Q*M*L*P) and cells (M*2*(S+L)) per image, got Q = ",
+              s.queries, ", M = ", s.heads, ", L = ", s.levels, ", P = ", s.points, ", S = ",
+              s.spatial);
+  const c10::DataPtr gather_workspace = scratch(gather_bytes);
   const gpu::MsdaGrads grads{grad_value.mutable_data_ptr(),
                              grad_locations.mutable_data_ptr(),
                              grad_weights.mutable_data_ptr(),
                              workspace.defined() ? workspace.mutable_data_ptr<float>() : nullptr,
                              deterministic,
-                             deterministic_workspace.get(),
-                             deterministic_bytes};
+                             gather_workspace.get(),
+                             gather_bytes};
   check_launch(gpu::msda_backward(t.inputs, grad_out.const_data_ptr(), grads,
                                   c10::cuda::getCurrentCUDAStream().stream()),
                "msda_backward");

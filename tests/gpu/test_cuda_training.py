@@ -232,15 +232,14 @@ def _kernel_names(fn: Callable[[], object]) -> str:
 
 @pytest.mark.parametrize("case", CASES)
 def test_deterministic_flag_selects_the_kernels(case: str, request: pytest.FixtureRequest) -> None:
-    """The flag switches to the deterministic paths (attention: fixed point; convolution:
-    sorted samples); without it the fast paths run."""
+    """The flag switches to the sorted paths; without it the fast path runs, unsorted."""
     op, tensors, _ = CASES[case](F32)
     fast = _kernel_names(lambda: _run(op, tensors))
     request.getfixturevalue("deterministic")
-    deterministic = _kernel_names(lambda: _run(op, tensors))
-    markers = ("from_fixed_kernel",) if case == "msda" else ("RadixSort", "fill_sorted_kernel")
-    for marker in markers:
-        assert marker in deterministic
+    sorted_path = _kernel_names(lambda: _run(op, tensors))
+    specific = "msda_detail::gather_kernel" if case == "msda" else "fill_sorted_kernel"
+    for marker in ("RadixSort", specific):
+        assert marker in sorted_path
         assert marker not in fast
 
 

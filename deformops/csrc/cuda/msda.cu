@@ -4,6 +4,7 @@
 #include <cuda_fp16.h>
 
 #include "msda.h"
+#include "msda_gather.h"
 
 namespace deformops::gpu {
 namespace msda_detail {
@@ -16,6 +17,12 @@ cudaError_t backward(const MsdaInputs& in, const void* grad_output, const MsdaGr
                      cudaStream_t stream);
 
 }  // namespace msda_detail
+
+size_t msda_gather_workspace_bytes(const MsdaSizes& sizes, Dtype value_dtype) {
+  const size_t acc_bytes = value_dtype == Dtype::kFloat64 ? sizeof(double) : sizeof(float);
+  const msda_detail::GatherPlan plan = msda_detail::gather_plan(sizes, acc_bytes);
+  return plan.valid ? plan.total : 0;
+}
 
 cudaError_t msda_forward(const MsdaInputs& inputs, void* output, cudaStream_t stream) {
   switch (inputs.value_dtype) {

@@ -58,15 +58,14 @@ struct MsdaGrads {
   //    rounding per element; 4 bytes per element of extra memory).
   // Ignored for float32 and float64 values (their atomics are in their own type).
   float* grad_value_workspace;
-  // Deterministic mode: the value gradient is scattered into a fixed-point
-  // accumulator with integer atomics, whose sums do not depend on their order,
-  // so that every output is the same at every run (see msda_kernels.cuh). It
-  // needs `deterministic_workspace`, 16-byte aligned, of
-  // msda_deterministic_workspace_bytes(sizes) bytes (given in
-  // `deterministic_workspace_bytes`); grad_value_workspace is then ignored.
+  // Deterministic mode: the value gradient is not scattered with atomics but
+  // gathered, every sum in a fixed order, so that every output is the same at
+  // every run (see msda_kernels.cuh). It needs `gather_workspace`, 16-byte
+  // aligned, of msda_gather_workspace_bytes(sizes, value_dtype) bytes (given in
+  // `gather_workspace_bytes`); grad_value_workspace is then ignored.
   bool deterministic;
-  void* deterministic_workspace;
-  size_t deterministic_workspace_bytes;
+  void* gather_workspace;
+  size_t gather_workspace_bytes;
 };
 
 // output = MSDA(inputs).
@@ -77,17 +76,15 @@ cudaError_t msda_forward(const MsdaInputs& inputs, void* output, cudaStream_t st
 cudaError_t msda_backward(const MsdaInputs& inputs, const void* grad_output,
                           const MsdaGrads& grads, cudaStream_t stream);
 
+// Bytes of the gather_workspace of the deterministic backward: about 32 bytes
+// (48 for float64) per sample of up to 2^22 samples (at least one image's
+// samples) and 8 bytes per cell, 2 * (S + L) cells per (n, m) of as many images.
+// 0 when an image has 2^31 samples or cells or more (unsupported).
+size_t msda_gather_workspace_bytes(const MsdaSizes& sizes, Dtype value_dtype);
 
 // Number of float32 elements a grad_value_workspace must hold: N*S*M*D.
 inline int64_t msda_workspace_elements(const MsdaSizes& s) {
   return s.batch * s.spatial * s.heads * s.channels;
-}
-
-// Bytes of the deterministic_workspace: 16 (two maxima), then a 64-bit
-// fixed-point accumulator of N*S*M*D elements.
-constexpr size_t kMsdaFixedHeader = 16;
-inline size_t msda_deterministic_workspace_bytes(const MsdaSizes& s) {
-  return kMsdaFixedHeader + static_cast<size_t>(msda_workspace_elements(s)) * sizeof(uint64_t);
 }
 
 }  // namespace deformops::gpu

@@ -25,20 +25,23 @@
 // pointers, one pass over the channels. Generic path (any D; float64): VEC = 1,
 // up to 32 channel lanes and as many passes as D needs.
 //
-// Deterministic backward. The order in which floating-point atomics add into
-// an element of the value gradient changes from run to run, and so do the
-// rounding errors. In deterministic mode the same kernel scatters the value
-// gradient into a fixed-point accumulator instead, with 64-bit integer atomics,
-// whose sums do not depend on the order:
-//  1. max_abs_kernel: the largest |attention weight| and |grad_output|, a and g;
-//  2. the backward kernel adds round(x * 2^e) for every term x, with e chosen
-//     (fixed_point_scale) so that no sum of an element, at most Q*L*P * a * g
-//     in magnitude, reaches 2^62; each term is exact to 2^-e, about 2^-62 of
-//     that bound (2^-40 of a * g on the benchmark workloads: far below float32
-//     rounding for every element not many orders smaller than the largest);
-//  3. from_fixed_kernel rounds each element once to the value's type (NaN
-//     everywhere when a or g is not finite).
-// The accumulator takes 8 bytes per value element.
+// Deterministic backward. The order in which the atomics add into an element
+// of the value gradient changes from run to run, and so do the rounding errors.
+// In deterministic mode the backward kernel skips the scatter, and the value
+// gradient is gathered instead, with every sum in a fixed order:
+//  1. file_kernel: each sample computes its corners again, files itself under
+//     its bilinear cell (the four pixels around it, on its level, for its
+//     (n, m)) with an integer count per cell, and keeps its four weights
+//     (attention * corner weight);
+//  2. a scan of the counts gives each cell's start, and a stable radix sort of
+//     (cell, sample) pairs (sort.h) lists the samples of each cell in sample
+//     order;
+//  3. gather_kernel: a team of lanes per (n, position, m) sums, over the four
+//     cells that have the position as a corner and their samples in that
+//     order, weight * grad_output, in float32 (float64), and writes the
+//     element once (half types: one rounding).
+// The images are processed in chunks of a bounded number of samples, so that
+// the workspace (about 32 bytes per sample, 8 per cell) stays bounded.
 #pragma once
 
 #include <atomic>
@@ -47,6 +50,8 @@
 #include "../sampling.h"
 #include "common.cuh"
 #include "msda.h"
+#include "msda_gather.h"
+#include "sort.h"
 
 namespace deformops::gpu::msda_detail {
 
@@ -344,44 +349,15 @@ __global__ void __launch_bounds__(kBlock, kForwardBlocks)
   }
 }
 
-// An element of the deterministic backward's fixed-point accumulator: a
-// two's-complement integer in an unsigned word (atomic adds wrap around).
-using Fixed = unsigned long long;
-
-// 2^e such that every sum of an element of the value gradient, at most
-// Q*L*P * max|attention weight| * max|grad_output| in magnitude (each sample
-// adds to an element at most once, with a bilinear weight <= 1), stays below
-// 2^62 in fixed point; 0 when a maximum is not finite. `maxima`: the bits of the
-// two maxima (max_abs_kernel).
-__device__ __forceinline__ double fixed_point_scale(const unsigned int* maxima,
-                                                    const MsdaSizes& s) {
-  const double bound = static_cast<double>(__uint_as_float(maxima[0])) *
-                       static_cast<double>(__uint_as_float(maxima[1])) *
-                       static_cast<double>(s.queries * s.levels * s.points);
-  if (!isfinite(bound)) {
-    return 0.0;
-  }
-  int e = 0;
-  frexp(bound, &e);  // bound < 2^e
-  return ldexp(1.0, min(62 - e, 1000));
-}
-
-// x in fixed point of scale `scale`, rounded to nearest.
-__device__ __forceinline__ Fixed to_fixed(double x, double scale) {
-  return static_cast<Fixed>(llrint(x * scale));
-}
-
-// G: element type of the value gradient the atomics accumulate into (T, float
-// for a half-precision T with a float32 workspace, or Fixed in deterministic
-// mode, scaled by fixed_point_scale of `maxima`).
+// G: element type of the value gradient the atomics accumulate into (T, or
+// float for a half-precision T with a float32 workspace). A null grad_value:
+// no scatter (the deterministic backward gathers the value gradient apart).
 template <typename T, typename G, int VEC, bool ONE_PASS>
 __global__ void __launch_bounds__(kBlock, kBackwardBlocks)
     msda_backward_kernel(const Args<T> a, const T* __restrict__ grad_output,
                          G* __restrict__ grad_value, void* __restrict__ grad_locations,
-                         void* __restrict__ grad_weights, const unsigned int* maxima) {
+                         void* __restrict__ grad_weights) {
   using A = acc_type<T>;
-  constexpr bool kFixed = std::is_same_v<G, Fixed>;
-  const double scale = kFixed ? fixed_point_scale(maxima, a.s) : 0.0;
   const MsdaSizes& s = a.s;
   const Layout& lay = a.lay;
   const int lanes = 1 << lay.log_c;
@@ -450,15 +426,9 @@ __global__ void __launch_bounds__(kBlock, kBackwardBlocks)
                 for (int e = 0; e < VEC; ++e) {
                   add[e] = sh[i].scaled[k] * go[e];
                 }
-                G* target = grad_value + value_offset + d + static_cast<uint64_t>(sh[i].pos[k]) * row;
-                if constexpr (kFixed) {
-#pragma unroll
-                  for (int e = 0; e < VEC; ++e) {
-                    atomicAdd(target + e, to_fixed(add[e], scale));
-                  }
-                } else {
-                  atomic_add_vec<VEC>(target, add);
-                }
+                atomic_add_vec<VEC>(
+                    grad_value + value_offset + d + static_cast<uint64_t>(sh[i].pos[k]) * row,
+                    add);
               }
             }
           }
@@ -634,8 +604,7 @@ cudaError_t forward(const MsdaInputs& in, void* output, cudaStream_t stream) {
 
 template <typename T, typename G>
 cudaError_t launch_backward(const MsdaInputs& in, const T* grad_output, G* grad_value,
-                            const MsdaGrads& grads, bool aligned, const unsigned int* maxima,
-                            cudaStream_t stream) {
+                            const MsdaGrads& grads, bool aligned, cudaStream_t stream) {
   const Layout lay = make_layout(in.sizes, fast_lane_channels<T, G>(), aligned);
   if (lay.threads == 0) {
     return cudaSuccess;
@@ -646,21 +615,14 @@ cudaError_t launch_backward(const MsdaInputs& in, const T* grad_output, G* grad_
   if constexpr (F::kEnabled) {
     if (lay.fast) {
       msda_backward_kernel<T, G, F::kVec, true><<<grid, kBlock, 0, stream>>>(
-          a, grad_output, grad_value, grads.grad_sampling_locations, grads.grad_attention_weights,
-          maxima);
+          a, grad_output, grad_value, grads.grad_sampling_locations,
+          grads.grad_attention_weights);
       return cudaGetLastError();
     }
   }
   msda_backward_kernel<T, G, 1, false><<<grid, kBlock, 0, stream>>>(
-      a, grad_output, grad_value, grads.grad_sampling_locations, grads.grad_attention_weights,
-      maxima);
+      a, grad_output, grad_value, grads.grad_sampling_locations, grads.grad_attention_weights);
   return cudaGetLastError();
-}
-
-// Blocks of a grid-stride launch over n elements: enough to fill the GPU.
-inline unsigned int stride_grid(int64_t n) {
-  const int64_t cap = int64_t{8} * sm_count() * (2048 / kBlock);
-  return grid_for(n < cap * kBlock ? n : cap * kBlock);
 }
 
 template <typename T>
@@ -668,91 +630,305 @@ cudaError_t narrow_into(const float* src, T* dst, int64_t n, cudaStream_t stream
   if (n == 0) {
     return cudaSuccess;
   }
+  const int64_t cap = int64_t{16} * sm_count() * (2048 / kBlock);
   if (n % 4 == 0 && is_aligned(src, 16) && is_aligned(dst, 4 * sizeof(T))) {
-    narrow_kernel<T, 4><<<stride_grid(n / 4), kBlock, 0, stream>>>(src, dst, n / 4);
+    const int64_t vectors = n / 4;
+    const unsigned int grid = grid_for(vectors < cap * kBlock ? vectors : cap * kBlock);
+    narrow_kernel<T, 4><<<grid, kBlock, 0, stream>>>(src, dst, vectors);
   } else {
-    narrow_kernel<T, 1><<<stride_grid(n), kBlock, 0, stream>>>(src, dst, n);
+    const unsigned int grid = grid_for(n < cap * kBlock ? n : cap * kBlock);
+    narrow_kernel<T, 1><<<grid, kBlock, 0, stream>>>(src, dst, n);
   }
   return cudaGetLastError();
 }
 
 // ---------------------------------------------------------------------------
-// Deterministic backward: the value gradient in fixed point (see the file comment).
+// Deterministic backward: the value gradient gathered (see the file comment).
 
-// *max_bits = max(*max_bits, bits of max |x|) over the n elements of x (stored
-// as float or as T). The bits of non-negative floats order like the floats, so
-// the integer atomic max gives the same result in any order; a NaN (positive
-// after fabsf) wins over everything.
+// The cells of a level of h x w pixels among `cells`: none for an empty level,
+// all of them for a level too large to index.
+__device__ __forceinline__ int64_t level_cells(int64_t h, int64_t w, int64_t cells) {
+  if (h <= 0 || w <= 0) {
+    return 0;
+  }
+  return h < cells && w < cells ? (h + 1) * (w + 1) : cells;
+}
+
+// The first cell of level l among a pair's `cells` (the cells of the levels
+// before it), at most `cells`.
+template <typename T>
+__device__ __forceinline__ int64_t level_cells_begin(const Args<T>& a, int64_t l,
+                                                     int64_t cells) {
+  int64_t begin = 0;
+  for (int64_t k = 0; k < l; ++k) {
+    begin += level_cells(__ldg(a.spatial_shapes + 2 * k), __ldg(a.spatial_shapes + 2 * k + 1),
+                         cells);
+    begin = begin < cells ? begin : cells;
+  }
+  return begin;
+}
+
+// A sample's four corner weights times its attention weight, as the scatter
+// would add them (Sample::scaled).
+template <typename A>
+struct alignas(4 * sizeof(A)) Quad {
+  A w[4];
+};
+
+// The key of a sample that touches no position (sorts after every cell).
+constexpr uint32_t kNoCell = 0xffffffffu;
+
+// One chunk of images of the deterministic backward, in the workspace.
+template <typename A>
+struct Filing {
+  int64_t n_begin, images, samples, keys;  // the chunk's first image, and its sizes
+  int64_t cells;                           // pair_cells
+  int32_t* counts;
+  int32_t* starts;
+  uint32_t* cell_keys;
+  int32_t* ids;
+  const int32_t* sorted_ids;
+  A* weights;  // [samples][4] (Quad<A>)
+};
+
+// Files each sample of the chunk under its cell key: counts it there, keeps its
+// weights; cell_keys[i] = kNoCell for a sample that touches no position.
 template <typename T>
 __global__ void __launch_bounds__(kBlock)
-    max_abs_kernel(const void* __restrict__ x, bool is_float, int64_t n,
-                   unsigned int* __restrict__ max_bits) {
-  unsigned int m = 0;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kBlock + threadIdx.x; i < n;
+    file_kernel(const Args<T> a, const Filing<acc_type<T>> f) {
+  using A = acc_type<T>;
+  const MsdaSizes& s = a.s;
+  const int64_t per_row = s.levels * s.points;  // samples of one (n, q, m) row
+  const int64_t first = f.n_begin * s.queries * s.heads * per_row;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kBlock + threadIdx.x; i < f.samples;
        i += static_cast<int64_t>(gridDim.x) * kBlock) {
-    const unsigned int bits = __float_as_uint(fabsf(load_either<float, T>(x, is_float, i)));
-    m = bits > m ? bits : m;
-  }
+    const int64_t row = i / per_row;  // (n - n_begin, q, m) of the chunk
+    const int64_t l = (i - row * per_row) / s.points;
+    // The location in float64, as the backward kernel computes it (owner_sample).
+    const Located<double> at = locate<double>(a, first + i, l);
+    bool touches = false;
 #pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    const unsigned int other = __shfl_xor_sync(0xffffffffu, m, offset);
-    m = other > m ? other : m;
-  }
-  if ((threadIdx.x & 31) == 0) {
-    atomicMax(max_bits, m);
+    for (int k = 0; k < 4; ++k) {
+      touches = touches || at.corners.weight[k] != 0.0;
+    }
+    uint32_t key = kNoCell;
+    if (touches && at.h < f.cells && at.w < f.cells) {  // else as gather_kernel: left out
+      const int64_t cell = level_cells_begin(a, l, f.cells) +
+                           (static_cast<int64_t>(floor(at.y)) + 1) * (at.w + 1) +
+                           static_cast<int64_t>(floor(at.x)) + 1;
+      if (cell >= 0 && cell < f.cells) {
+        const int64_t m = row % s.heads;
+        const int64_t n = row / (s.queries * s.heads);
+        key = static_cast<uint32_t>((n * s.heads + m) * f.cells + cell);
+        atomicAdd(f.counts + key, 1);
+        const A attention = load_either<A, T>(a.weights, a.weights_float, first + i);
+        Quad<A> quad;
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          quad.w[k] = attention * static_cast<A>(at.corners.weight[k]);
+        }
+        reinterpret_cast<Quad<A>*>(f.weights)[i] = quad;
+      }
+    }
+    f.cell_keys[i] = key;
+    f.ids[i] = static_cast<int32_t>(i);
   }
 }
 
-// out[i] = acc[i] / scale rounded to T (NaN when the scale is 0: a maximum was
-// not finite).
+// Samples of one cell whose loads the gather keeps in flight together.
+constexpr int kGatherBatch = 4;
+
+// Resident blocks per SM the gather is compiled for: 3 (80 registers) when a
+// lane's sums of VEC channels take 16 bytes or less, 2 (128) otherwise, so that
+// nothing spills (scripts/check_cuda_compile.py).
 template <typename T>
-__global__ void __launch_bounds__(kBlock)
-    from_fixed_kernel(const Fixed* __restrict__ acc, const unsigned int* __restrict__ maxima,
-                      const MsdaSizes s, T* __restrict__ out, int64_t n) {
-  const double scale = fixed_point_scale(maxima, s);
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kBlock + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * kBlock) {
-    const double v = scale == 0.0 ? NAN : static_cast<double>(static_cast<long long>(acc[i])) / scale;
-    out[i] = narrow<T>(v);
+constexpr int gather_blocks(int vec) {
+  return sizeof(T) < 8 && vec * sizeof(acc_type<T>) <= 16 ? 3 : 2;
+}
+
+// One team of 2^log_c lanes per (n, position, m) of the chunk, each lane VEC
+// channels at a time: the element's value gradient, the sum over the levels
+// holding the position, the four cells that have it as corner q (in order of
+// q) and their samples (in sample order) of weight q * grad_output.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kBlock, gather_blocks<T>(VEC))
+    gather_kernel(const Args<T> a, const Filing<acc_type<T>> f, const T* __restrict__ grad_output,
+                  T* __restrict__ grad_value, int log_c) {
+  using A = acc_type<T>;
+  const MsdaSizes& s = a.s;
+  const int64_t lanes = int64_t{1} << log_c;
+  const int64_t lane = threadIdx.x & (lanes - 1);
+  const int64_t vectors = s.channels / VEC;
+  const int64_t per_row = s.levels * s.points;
+  const int64_t first_row = f.n_begin * s.queries * s.heads;
+  const int64_t threads = (f.images * s.spatial * s.heads) << log_c;
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * kBlock + threadIdx.x; t < threads;
+       t += static_cast<int64_t>(gridDim.x) * kBlock) {
+    const int64_t team = t >> log_c;
+    const int64_t m = team % s.heads;
+    const int64_t element = team / s.heads;  // (n - n_begin) * S + position
+    const int64_t pos = element % s.spatial;
+    const int64_t pair = (element / s.spatial * s.heads + m) * f.cells;
+    T* out = grad_value + ((f.n_begin * s.spatial + element) * s.heads + m) * s.channels;
+    for (int64_t v = lane; v < vectors; v += lanes) {
+      const int64_t d = v * VEC;
+      A sum[VEC] = {};
+      int64_t begin = 0;  // the level's first cell
+      for (int64_t l = 0; l < s.levels; ++l) {
+        const int64_t h = __ldg(a.spatial_shapes + 2 * l);
+        const int64_t w = __ldg(a.spatial_shapes + 2 * l + 1);
+        const int64_t level_begin = begin;
+        begin += level_cells(h, w, f.cells);
+        begin = begin < f.cells ? begin : f.cells;
+        const int64_t local = pos - __ldg(a.level_start + l);
+        if (h <= 0 || w <= 0 || h >= f.cells || w >= f.cells || local < 0 || local >= h * w) {
+          continue;
+        }
+        const int64_t y = local / w;
+        const int64_t x = local - y * w;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const int64_t cell = level_begin + (y + 1 - (q >> 1)) * (w + 1) + (x + 1 - (q & 1));
+          if (cell >= f.cells) {
+            continue;
+          }
+          const int32_t end = f.starts[pair + cell + 1];
+          for (int32_t i0 = f.starts[pair + cell]; i0 < end; i0 += kGatherBatch) {
+            int32_t id[kGatherBatch];
+            A weight[kGatherBatch];
+#pragma unroll
+            for (int b = 0; b < kGatherBatch; ++b) {
+              id[b] = i0 + b < end ? f.sorted_ids[i0 + b] : 0;
+            }
+#pragma unroll
+            for (int b = 0; b < kGatherBatch; ++b) {
+              weight[b] = i0 + b < end ? f.weights[4 * int64_t{id[b]} + q] : A(0);
+            }
+            A g[kGatherBatch][VEC];
+#pragma unroll
+            for (int b = 0; b < kGatherBatch; ++b) {
+#pragma unroll
+              for (int e = 0; e < VEC; ++e) {
+                g[b][e] = A(0);
+              }
+              if (weight[b] != A(0)) {
+                load_vec<VEC>(grad_output + (first_row + id[b] / per_row) * s.channels + d, g[b]);
+              }
+            }
+#pragma unroll
+            for (int b = 0; b < kGatherBatch; ++b) {
+              if (weight[b] != A(0)) {
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) {
+                  sum[e] += weight[b] * g[b][e];
+                }
+              }
+            }
+          }
+        }
+      }
+      store_vec_streaming<VEC>(out + d, sum);
+    }
   }
 }
 
-// The deterministic backward: every output written entirely.
+// Channels per vector of the gather: the most (16 bytes at most) that divide D,
+// with grad_output and grad_value aligned to the vector.
 template <typename T>
-cudaError_t deterministic_backward(const MsdaInputs& in, const T* grad_output,
-                                   const MsdaGrads& grads, cudaStream_t stream) {
+int gather_vector_width(const MsdaSizes& s, const void* grad_output, const void* grad_value) {
+  for (int vec = 16 / static_cast<int>(sizeof(T)); vec > 1; vec /= 2) {
+    if (s.channels % vec == 0 && is_aligned(grad_output, vec * sizeof(T)) &&
+        is_aligned(grad_value, vec * sizeof(T))) {
+      return vec;
+    }
+  }
+  return 1;
+}
+
+// Launches gather_kernel with vectors of `vec` channels (gather_vector_width).
+template <typename T>
+cudaError_t launch_gather(int vec, const Args<T>& a, const Filing<acc_type<T>>& f,
+                          const T* grad_output, T* grad_value, cudaStream_t stream) {
+  const auto launch = [&](auto width) {
+    constexpr int VEC = decltype(width)::value;
+    const int64_t vectors = a.s.channels / VEC;
+    const int log_c = ceil_log2(vectors < 32 ? vectors : 32);
+    const int64_t threads = (f.images * a.s.spatial * a.s.heads) << log_c;
+    gather_kernel<T, VEC><<<grid_for(threads), kBlock, 0, stream>>>(a, f, grad_output,
+                                                                     grad_value, log_c);
+    return cudaGetLastError();
+  };
+  constexpr int kMaxVec = 16 / static_cast<int>(sizeof(T));
+  if constexpr (kMaxVec >= 8) {
+    if (vec == 8) {
+      return launch(std::integral_constant<int, 8>{});
+    }
+  }
+  if constexpr (kMaxVec >= 4) {
+    if (vec == 4) {
+      return launch(std::integral_constant<int, 4>{});
+    }
+  }
+  if (vec == 2) {
+    return launch(std::integral_constant<int, 2>{});
+  }
+  return launch(std::integral_constant<int, 1>{});
+}
+
+// The value gradient of the deterministic backward, written entirely.
+template <typename T>
+cudaError_t gather_value_grad(const MsdaInputs& in, const T* grad_output, T* grad_value,
+                              void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  using A = acc_type<T>;
   const MsdaSizes& s = in.sizes;
-  const int64_t elements = msda_workspace_elements(s);
-  if (grads.deterministic_workspace_bytes < msda_deterministic_workspace_bytes(s) ||
-      !is_aligned(grads.deterministic_workspace, 16)) {
+  const GatherPlan plan = gather_plan(s, sizeof(A));
+  if (!plan.valid || workspace_bytes < plan.total || !is_aligned(workspace, 16)) {
     return cudaErrorInvalidValue;
   }
-  char* base = static_cast<char*>(grads.deterministic_workspace);
-  auto* maxima = reinterpret_cast<unsigned int*>(base);
-  auto* acc = reinterpret_cast<Fixed*>(base + kMsdaFixedHeader);
-  cudaError_t status = cudaMemsetAsync(
-      base, 0, kMsdaFixedHeader + static_cast<size_t>(elements) * sizeof(Fixed), stream);
-  if (status != cudaSuccess) {
-    return status;
+  if (s.batch * s.spatial * s.heads * s.channels == 0) {
+    return cudaSuccess;
   }
-  const int64_t weights = s.batch * s.queries * s.heads * s.levels * s.points;
-  const int64_t outputs = s.batch * s.queries * s.heads * s.channels;
-  if (weights > 0) {
-    max_abs_kernel<T><<<stride_grid(weights), kBlock, 0, stream>>>(
-        in.attention_weights, in.weights_dtype == Dtype::kFloat32, weights, maxima);
+  const Args<T> a = make_args<T>(in, Layout{});
+  char* base = static_cast<char*>(workspace);
+  const int64_t per_image = s.queries * s.heads * s.levels * s.points;
+  const int vec = gather_vector_width<T>(s, grad_output, grad_value);
+  for (int64_t n = 0; n < s.batch; n += plan.images) {
+    Filing<A> f;
+    f.n_begin = n;
+    f.images = plan.images < s.batch - n ? plan.images : s.batch - n;
+    f.samples = f.images * per_image;
+    f.keys = f.images * s.heads * pair_cells(s);
+    f.cells = pair_cells(s);
+    f.counts = reinterpret_cast<int32_t*>(base + plan.counts);
+    f.starts = reinterpret_cast<int32_t*>(base + plan.starts);
+    f.cell_keys = reinterpret_cast<uint32_t*>(base + plan.cell_keys);
+    f.ids = reinterpret_cast<int32_t*>(base + plan.ids);
+    f.sorted_ids = reinterpret_cast<const int32_t*>(base + plan.sorted_ids);
+    f.weights = reinterpret_cast<A*>(base + plan.weights);
+    cudaError_t status =
+        cudaMemsetAsync(f.counts, 0, static_cast<size_t>(f.keys + 1) * sizeof(int32_t), stream);
+    if (status != cudaSuccess) {
+      return status;
+    }
+    if (f.samples > 0) {
+      file_kernel<T><<<grid_for(f.samples), kBlock, 0, stream>>>(a, f);
+    }
+    status = exclusive_sum(f.counts, f.starts, static_cast<int32_t>(f.keys + 1),
+                           base + plan.scan_scratch, plan.scan_scratch_bytes, stream);
+    if (status == cudaSuccess) {
+      status = sort_pairs(f.cell_keys, reinterpret_cast<uint32_t*>(base + plan.sorted_keys), f.ids,
+                          reinterpret_cast<int32_t*>(base + plan.sorted_ids),
+                          static_cast<int32_t>(f.samples), plan.key_bits,
+                          base + plan.sort_scratch, plan.sort_scratch_bytes, stream);
+    }
+    if (status == cudaSuccess) {
+      status = launch_gather<T>(vec, a, f, grad_output, grad_value, stream);
+    }
+    if (status != cudaSuccess) {
+      return status;
+    }
   }
-  if (outputs > 0) {
-    max_abs_kernel<T><<<stride_grid(outputs), kBlock, 0, stream>>>(grad_output, false, outputs,
-                                                                    maxima + 1);
-  }
-  const bool aligned = is_aligned(in.value, 16) && is_aligned(grad_output, 16);
-  status = launch_backward(in, grad_output, acc, grads, aligned, maxima, stream);
-  if (status != cudaSuccess || elements == 0) {
-    return status;
-  }
-  from_fixed_kernel<T><<<stride_grid(elements), kBlock, 0, stream>>>(
-      acc, maxima, s, static_cast<T*>(grads.grad_value), elements);
-  return cudaGetLastError();
+  return cudaSuccess;
 }
 
 template <typename T>
@@ -762,7 +938,15 @@ cudaError_t backward(const MsdaInputs& in, const void* grad_output, const MsdaGr
     return cudaErrorInvalidValue;
   }
   if (grads.deterministic) {
-    return deterministic_backward<T>(in, static_cast<const T*>(grad_output), grads, stream);
+    const T* go = static_cast<const T*>(grad_output);
+    const bool aligned = is_aligned(in.value, 16) && is_aligned(grad_output, 16);
+    const cudaError_t launched =
+        launch_backward(in, go, static_cast<T*>(nullptr), grads, aligned, stream);
+    if (launched != cudaSuccess) {
+      return launched;
+    }
+    return gather_value_grad<T>(in, go, static_cast<T*>(grads.grad_value),
+                                grads.gather_workspace, grads.gather_workspace_bytes, stream);
   }
   constexpr bool kHalf = sizeof(T) == 2;
   const bool workspace = kHalf && grads.grad_value_workspace != nullptr;
@@ -780,8 +964,8 @@ cudaError_t backward(const MsdaInputs& in, const void* grad_output, const MsdaGr
       is_aligned(in.value, 16) && is_aligned(grad_output, 16) && is_aligned(target, 16);
   if constexpr (kHalf) {
     if (workspace) {
-      const cudaError_t launched = launch_backward(in, go, grads.grad_value_workspace, grads,
-                                                   aligned, nullptr, stream);
+      const cudaError_t launched = launch_backward(
+          in, go, grads.grad_value_workspace, grads, aligned, stream);
       if (launched != cudaSuccess) {
         return launched;
       }
@@ -789,7 +973,7 @@ cudaError_t backward(const MsdaInputs& in, const void* grad_output, const MsdaGr
                          stream);
     }
   }
-  return launch_backward(in, go, static_cast<T*>(target), grads, aligned, nullptr, stream);
+  return launch_backward(in, go, static_cast<T*>(target), grads, aligned, stream);
 }
 
 }  // namespace deformops::gpu::msda_detail
