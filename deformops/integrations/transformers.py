@@ -81,8 +81,8 @@ def _cached_tables(
 
 def _level_tables(sizes: LevelSizes, device: torch.device) -> tuple[Tensor, Tensor]:
     """``spatial_shapes`` ``[L, 2]`` and ``level_start_index`` ``[L]`` on ``device``."""
-    if isinstance(sizes, Tensor):
-        spatial_shapes = sizes.to(device=device, dtype=torch.int64)
+    if isinstance(sizes, Tensor) or torch.compiler.is_compiling():  # traced: no cache
+        spatial_shapes = torch.as_tensor(sizes, dtype=torch.int64, device=device)
         return spatial_shapes, level_start_index_of(spatial_shapes)
     return _cached_tables(tuple((int(h), int(w)) for h, w in sizes), device)
 
