@@ -426,6 +426,12 @@ def test_mmcv_attn_layer_init_and_arguments() -> None:
         k: v.shape for k, v in reference.state_dict().items()
     }
     torch.testing.assert_close(layer.sampling_offsets.bias, reference.sampling_offsets.bias)
+    for parameter in layer.parameters():  # as mmdet's Xavier pass over the transformer
+        nn.init.normal_(parameter)
+    layer.init_weights()
+    assert layer.sampling_offsets.weight.abs().max() == 0
+    torch.testing.assert_close(layer.sampling_offsets.bias, reference.sampling_offsets.bias)
+    assert layer.attention_weights.weight.abs().max() == 0
     with pytest.raises(ValueError, match=r"value_proj_ratio: only 1\.0 is supported"):
         mmcv_layers.MultiScaleDeformableAttention(64, value_proj_ratio=0.5)
     with pytest.raises(ValueError, match="reference_points, spatial_shapes: both are required"):

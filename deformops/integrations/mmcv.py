@@ -249,6 +249,16 @@ class MultiScaleDeformableAttention(DeformAttn2d):
         """mmcv's name of ``embed_dim``."""
         return self.embed_dim
 
+    def init_weights(self) -> None:
+        """mmcv's name of ``reset_parameters``: Deformable DETR's initialisation.
+
+        mmdet's detectors call it after a Xavier initialisation of the whole transformer,
+        on the layers that are instances of mmcv's class: after a swap, call it yourself
+        (``for m in model.modules(): if isinstance(m, MultiScaleDeformableAttention):
+        m.init_weights()``) when training from scratch.
+        """
+        self.reset_parameters()
+
     def forward(  # type: ignore[override]
         self,
         query: Tensor,
