@@ -317,6 +317,10 @@ def test_mmcv_conv_layers_have_mmcv_parameters(name: str) -> None:
     else:  # kaiming_uniform(nonlinearity="relu"): sqrt(6 / fan_in)
         bound = math.sqrt(6 / (config["c_in"] // config["groups"] * kh * kw))
     assert 0.7 * bound < module.weight.abs().max() <= bound
+    nn.init.normal_(module.conv_offset.weight)  # as mmengine's Kaiming pass over Conv2d layers
+    module.init_weights()
+    assert module.conv_offset.weight.abs().max() == 0
+    assert 0.7 * bound < module.weight.abs().max() <= bound
 
 
 def test_mmcv_conv_defaults_are_mmcv() -> None:

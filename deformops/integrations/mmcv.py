@@ -49,6 +49,10 @@ class _DeformConv2dPack(DeformConv2d):
         """mmcv's name of ``offset_groups``."""
         return self.offset_groups
 
+    def init_weights(self) -> None:
+        """mmcv's name of ``reset_parameters`` (mmengine calls it when it initialises a model)."""
+        self.reset_parameters()
+
 
 class ModulatedDeformConv2dPack(_DeformConv2dPack):
     """mmcv's ``ModulatedDeformConv2dPack`` (registered there as ``DCNv2``) on deformops.
