@@ -82,7 +82,8 @@ setup() {
     shopt -s nullglob
     local wheels=(.whl/*.whl) peer=(.peer/deformops-*.whl)
     if ((${#wheels[@]})); then
-        "$PY" -m pip install --no-index --find-links .whl "${wheels[@]}" || return 1
+        "$PY" -m pip install --no-index --find-links .whl "${wheels[@]}" ||
+            echo "note: the wheels of .whl/ did not install: the tests that need them skip"
     fi
     "$PY" -c "import matplotlib" 2>/dev/null || echo "note: no matplotlib: no charts (bench --from-json elsewhere)"
     "$PY" -c "import torchvision" 2>/dev/null || echo "note: no torchvision: its records will say so"
@@ -190,7 +191,7 @@ fi
 stage build 240 "$BENCH_RESERVE" build
 stage warm 60 "$BENCH_RESERVE" warm
 stage check 120 "$BENCH_RESERVE" check
-stage tests 200 "$BENCH_RESERVE" tests
+stage tests 240 "$BENCH_RESERVE" tests
 stage memcheck 120 "$BENCH_RESERVE" sanitize memcheck
 stage racecheck 120 "$BENCH_RESERVE" sanitize racecheck
 # The benchmarks time on a quiet GPU: the peer's warm-up (its build, then its first
