@@ -16,6 +16,11 @@ any runtime that implements the operators below, without deformops:
   ``MatMul`` with the weight (:func:`deform_conv2d_as_gridsample`), for runtimes without
   ``DeformConv`` (onnxruntime added it in 2026) or models below opset 19.
 
+The translation functions are annotated with onnxscript's ``TensorType`` (the exporter
+reads the annotations to match them to the operators); while the graph is built they are
+called with ``onnxscript.ir.Value`` graph values (dtype and shape known, dimensions int or
+symbolic) and the operators' int arguments, and call ONNX operators on them.
+
 Channel counts and kernel sizes must be static; batch, map sizes and query counts may be
 dynamic (``torch.export.Dim``), and level shapes are read from ``spatial_shapes`` at run
 time. This module needs ``onnxscript`` (``pip install onnxscript``); it is not imported by
@@ -45,6 +50,7 @@ from typing import Literal
 import torch
 from onnxscript import ir, opset19
 from onnxscript import opset18 as op
+from onnxscript.onnx_types import TensorType
 
 __all__ = [
     "deform_conv2d_as_deformconv",
@@ -83,18 +89,18 @@ def _static(name: str, value: ir.Value, axis: int) -> int:
 
 
 def deform_conv2d_as_deformconv(
-    input: ir.Value,
-    offset: ir.Value,
-    weight: ir.Value,
-    mask: ir.Value | None,
-    bias: ir.Value | None,
+    input: TensorType,
+    offset: TensorType,
+    weight: TensorType,
+    mask: TensorType | None,
+    bias: TensorType | None,
     stride_h: int,
     stride_w: int,
     pad_h: int,
     pad_w: int,
     dilation_h: int,
     dilation_w: int,
-) -> ir.Value:
+) -> TensorType:
     """``deformops::deform_conv2d`` as the ONNX operator ``DeformConv`` (opset >= 19).
 
     ONNX's ``DeformConv`` has the contract of ``torchvision.ops.deform_conv2d`` (offsets as
@@ -152,18 +158,18 @@ def _normalised_base(
 
 
 def deform_conv2d_as_gridsample(
-    input: ir.Value,
-    offset: ir.Value,
-    weight: ir.Value,
-    mask: ir.Value | None,
-    bias: ir.Value | None,
+    input: TensorType,
+    offset: TensorType,
+    weight: TensorType,
+    mask: TensorType | None,
+    bias: TensorType | None,
     stride_h: int,
     stride_w: int,
     pad_h: int,
     pad_w: int,
     dilation_h: int,
     dilation_w: int,
-) -> ir.Value:
+) -> TensorType:
     """``deformops::deform_conv2d`` as ``GridSample`` and ``MatMul`` (any opset >= 16).
 
     Kernel point ``k = i*kw + j`` of output pixel ``(ho, wo)`` samples pixel
@@ -228,12 +234,12 @@ def deform_conv2d_as_gridsample(
 
 
 def multi_scale_deformable_attention_as_gridsample(
-    value: ir.Value,
-    spatial_shapes: ir.Value,
-    level_start_index: ir.Value,
-    sampling_locations: ir.Value,
-    attention_weights: ir.Value,
-) -> ir.Value:
+    value: TensorType,
+    spatial_shapes: TensorType,
+    level_start_index: TensorType,
+    sampling_locations: TensorType,
+    attention_weights: TensorType,
+) -> TensorType:
     """``deformops::multi_scale_deformable_attention`` as one ``GridSample`` per level.
 
     The contract samples level ``l`` at pixel ``(x*W_l - 0.5, y*H_l - 0.5)`` with zero
@@ -291,7 +297,7 @@ def multi_scale_deformable_attention_as_gridsample(
     return op.Transpose(out, perm=[0, 2, 1])
 
 
-_CONV_TRANSLATIONS: dict[str, Callable[..., ir.Value]] = {
+_CONV_TRANSLATIONS: dict[str, Callable[..., TensorType]] = {
     "DeformConv": deform_conv2d_as_deformconv,
     "GridSample": deform_conv2d_as_gridsample,
 }
