@@ -48,9 +48,16 @@ from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
-from onnxscript import ir, opset19
-from onnxscript import opset18 as op
-from onnxscript.onnx_types import TensorType
+
+try:
+    from onnxscript import ir, opset19
+    from onnxscript import opset18 as op
+    from onnxscript.onnx_types import TensorType
+except ImportError as error:
+    raise ImportError(
+        "deformops.onnx needs onnxscript, which torch.onnx.export needs too: "
+        "pip install onnx onnxscript"
+    ) from error
 
 __all__ = [
     "deform_conv2d_as_deformconv",

@@ -10,8 +10,10 @@ extra: without them the tests skip, except in CI (env ``CI`` set), where they fa
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -252,3 +254,10 @@ def test_modules(name: str, dynamic: bool) -> None:
 def test_translation_table_rejects_unknown_conv() -> None:
     with pytest.raises(ValueError, match="conv: expected one of"):
         deformops.onnx.translation_table("Gather")
+
+
+def test_missing_onnxscript_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # import onnxscript raises
+    monkeypatch.delitem(sys.modules, "deformops.onnx")
+    with pytest.raises(ImportError, match="pip install onnx onnxscript"):
+        importlib.import_module("deformops.onnx")
