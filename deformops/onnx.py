@@ -177,7 +177,7 @@ def deform_conv2d_as_gridsample(
     dilation_h: int,
     dilation_w: int,
 ) -> TensorType:
-    """``deformops::deform_conv2d`` as ``GridSample`` and ``MatMul`` (any opset >= 16).
+    """``deformops::deform_conv2d`` as ``GridSample`` and ``MatMul`` (opset 18 and later).
 
     Kernel point ``k = i*kw + j`` of output pixel ``(ho, wo)`` samples pixel
     ``y = ho*sh - ph + i*dh + dy``, ``x = wo*sw - pw + j*dw + dx`` (the contract of
@@ -318,7 +318,7 @@ def translation_table(conv: ConvTranslation = "DeformConv") -> dict[Callable, Ca
     conv : {"DeformConv", "GridSample"}
         The convolution as the ONNX operator ``DeformConv`` (opset >= 19; faster in
         onnxruntime) or as ``GridSample`` and ``MatMul`` (for runtimes without
-        ``DeformConv``, and opsets 16 to 18).
+        ``DeformConv``, and opset 18).
 
     Returns
     -------
