@@ -4,13 +4,14 @@ A development tool for deciding what to optimise: it runs the harness's ``deform
 of each workload under ``torch.profiler`` and prints, per CUDA kernel (and memset / copy),
 the time per forward+backward and the share of the total.
 
-    python scripts/profile_kernels.py r50_dcn:fp16 detr_enc:fp32 [--deterministic] [--runs 10]
+    python scripts/profile_kernels.py r50_dcn:fp16 detr_enc:fp32 [--deterministic] [--host] [--runs 10]
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -22,8 +23,28 @@ from deformops.bench.workloads import WORKLOADS, make_inputs
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def profile_case(name: str, dtype: torch.dtype, runs: int) -> None:
-    """Print the kernel table of ``runs`` forward+backward passes of workload ``name``."""
+def host_table(case: object, runs: int) -> None:
+    """Print the wall time per forward+backward and the host operators that take it."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(runs):
+        _forward_backward(case)
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - start) / runs * 1000
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(runs):
+            _forward_backward(case)
+        torch.cuda.synchronize()
+    print(f"  wall {wall:.3f} ms per forward+backward (back to back); host operators, self time:")
+    for row in sorted(prof.key_averages(), key=lambda r: -r.self_cpu_time_total)[:12]:
+        print(
+            f"  {row.self_cpu_time_total / 1000 / runs:8.3f} ms x{row.count // runs:<4d} {row.key[:90]}"
+        )
+
+
+def profile_case(name: str, dtype: torch.dtype, runs: int, host: bool) -> None:
+    """Print the kernel table of ``runs`` forward+backward passes of workload ``name`` (and,
+    with ``host``, where the host's time goes)."""
     workload = WORKLOADS[name]
     case = IMPLS[workload.op]["deformops"].build(workload, make_inputs(workload, dtype, "cuda"))
     for _ in range(3):
@@ -49,6 +70,8 @@ def profile_case(name: str, dtype: torch.dtype, runs: int) -> None:
             f"  {ms / runs:8.3f} ms {100 * ms / total:5.1f}% x{counts[kernel] // runs:<3d} "
             f"{kernel[:110]}"
         )
+    if host:
+        host_table(case, runs)
 
 
 def main() -> None:
@@ -56,11 +79,12 @@ def main() -> None:
     parser.add_argument("cases", nargs="+", help="WORKLOAD:DTYPE, e.g. r50_dcn:fp16")
     parser.add_argument("--deterministic", action="store_true")
     parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--host", action="store_true", help="also the host's time per operator")
     args = parser.parse_args()
     torch.use_deterministic_algorithms(args.deterministic)
     for spec in args.cases:
         name, dtype = spec.split(":")
-        profile_case(name, DTYPES[dtype], args.runs)
+        profile_case(name, DTYPES[dtype], args.runs, args.host)
 
 
 if __name__ == "__main__":
