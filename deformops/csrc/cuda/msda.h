@@ -76,8 +76,8 @@ cudaError_t msda_forward(const MsdaInputs& inputs, void* output, cudaStream_t st
 cudaError_t msda_backward(const MsdaInputs& inputs, const void* grad_output,
                           const MsdaGrads& grads, cudaStream_t stream);
 
-// Bytes of the gather_workspace of the deterministic backward: about 32 bytes
-// (48 for float64) per sample of up to 2^22 samples (at least one image's
+// Bytes of the gather_workspace of the deterministic backward: about 48 bytes
+// (80 for float64) per sample of up to 2^23 samples (at least one image's
 // samples) and 8 bytes per cell, 2 * (S + L) cells per (n, m) of as many images.
 // 0 when an image has 2^31 samples or cells or more (unsupported).
 size_t msda_gather_workspace_bytes(const MsdaSizes& sizes, Dtype value_dtype);

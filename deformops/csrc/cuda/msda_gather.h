@@ -20,7 +20,7 @@ inline int64_t pair_cells(const MsdaSizes& s) { return 2 * s.spatial + 2 * s.lev
 
 // Samples per chunk of images in the deterministic backward, at most (at least
 // one image): a bound on its workspace.
-constexpr int64_t kGatherSamples = int64_t{1} << 22;
+constexpr int64_t kGatherSamples = int64_t{1} << 23;
 
 // Chunks and workspace of the deterministic backward. A chunk of `images`
 // images files its `samples` samples under `keys` = images * M * pair_cells
@@ -34,6 +34,7 @@ struct GatherPlan {
   size_t cell_keys, sorted_keys;  // [samples] uint32
   size_t ids, sorted_ids;         // [samples] int32: the samples, and in key order
   size_t weights;                 // [samples] Quad<A>
+  size_t sorted_weights;          // [samples] Quad<A>, in key order (rows in key order: in ids)
   size_t scan_scratch, scan_scratch_bytes, sort_scratch, sort_scratch_bytes;
   size_t total;
 };
@@ -73,6 +74,7 @@ inline GatherPlan gather_plan(const MsdaSizes& s, size_t acc_bytes) {
   p.ids = take(samples * sizeof(int32_t));
   p.sorted_ids = take(samples * sizeof(int32_t));
   p.weights = take(samples * 4 * acc_bytes);
+  p.sorted_weights = take(samples * 4 * acc_bytes);
   const auto larger = [](size_t x, size_t y) { return x > y ? x : y; };
   p.scan_scratch_bytes =
       larger(exclusive_sum_scratch_bytes(static_cast<int32_t>(p.keys + 1)),

@@ -36,12 +36,13 @@
 //  2. a scan of the counts gives each cell's start, and a stable radix sort of
 //     (cell, sample) pairs (sort.h) lists the samples of each cell in sample
 //     order;
-//  3. gather_kernel: a team of lanes per (n, position, m) sums, over the four
+//  3. arrange_kernel puts the samples' grad_output rows and weights in that
+//     order, and gather_kernel: a team of lanes per (n, position, m) sums, over the four
 //     cells that have the position as a corner and their samples in that
 //     order, weight * grad_output, in float32 (float64), and writes the
 //     element once (half types: one rounding).
 // The images are processed in chunks of a bounded number of samples, so that
-// the workspace (about 32 bytes per sample, 8 per cell) stays bounded.
+// the workspace (about 48 bytes per sample, 8 per cell) stays bounded.
 #pragma once
 
 #include <atomic>
@@ -689,6 +690,10 @@ struct Filing {
   int32_t* ids;
   const int32_t* sorted_ids;
   A* weights;  // [samples][4] (Quad<A>)
+  // In key order (arrange_kernel): the samples' grad_output rows ((n - n_begin,
+  // q, m) of the chunk) and their weights.
+  int32_t* sorted_rows;
+  A* sorted_weights;  // [samples][4]
 };
 
 // Files each sample of the chunk under its cell key: counts it there, keeps its
@@ -735,15 +740,32 @@ __global__ void __launch_bounds__(kBlock)
   }
 }
 
+// Puts the samples' grad_output rows and weights in key order, so that the
+// gather reads them contiguously and waits for one memory round trip per batch
+// of samples (their rows) before loading grad_output, not two (ids, then rows).
+template <typename A>
+__global__ void __launch_bounds__(kBlock)
+    arrange_kernel(const Filing<A> f, int64_t per_row) {
+  const auto* weights = reinterpret_cast<const Quad<A>*>(f.weights);
+  auto* sorted = reinterpret_cast<Quad<A>*>(f.sorted_weights);
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kBlock + threadIdx.x; i < f.samples;
+       i += static_cast<int64_t>(gridDim.x) * kBlock) {
+    const int32_t id = f.sorted_ids[i];
+    f.sorted_rows[i] = static_cast<int32_t>(id / per_row);
+    sorted[i] = weights[id];
+  }
+}
+
 // Samples of one cell whose loads the gather keeps in flight together.
-constexpr int kGatherBatch = 4;
+constexpr int kGatherBatch = 8;
 
 // Resident blocks per SM the gather is compiled for: 3 (80 registers) when a
-// lane's sums of VEC channels take 16 bytes or less, 2 (128) otherwise, so that
-// nothing spills (scripts/check_cuda_compile.py).
+// lane's sums of VEC channels take 16 bytes or less for float32 values (8 for
+// the half types, which also hold their loads packed), 2 (128) otherwise, so
+// that nothing spills (scripts/check_cuda_compile.py).
 template <typename T>
 constexpr int gather_blocks(int vec) {
-  return sizeof(T) < 8 && vec * sizeof(acc_type<T>) <= 16 ? 3 : 2;
+  return sizeof(T) < 8 && vec * sizeof(acc_type<T>) <= (sizeof(T) == 4 ? 16 : 8) ? 3 : 2;
 }
 
 // One team of 2^log_c lanes per (n, position, m) of the chunk, each lane VEC
@@ -759,7 +781,6 @@ __global__ void __launch_bounds__(kBlock, gather_blocks<T>(VEC))
   const int64_t lanes = int64_t{1} << log_c;
   const int64_t lane = threadIdx.x & (lanes - 1);
   const int64_t vectors = s.channels / VEC;
-  const int64_t per_row = s.levels * s.points;
   const int64_t first_row = f.n_begin * s.queries * s.heads;
   const int64_t threads = (f.images * s.spatial * s.heads) << log_c;
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * kBlock + threadIdx.x; t < threads;
@@ -794,15 +815,13 @@ __global__ void __launch_bounds__(kBlock, gather_blocks<T>(VEC))
           }
           const int32_t end = f.starts[pair + cell + 1];
           for (int32_t i0 = f.starts[pair + cell]; i0 < end; i0 += kGatherBatch) {
-            int32_t id[kGatherBatch];
+            int32_t rows[kGatherBatch];
             A weight[kGatherBatch];
 #pragma unroll
             for (int b = 0; b < kGatherBatch; ++b) {
-              id[b] = i0 + b < end ? f.sorted_ids[i0 + b] : 0;
-            }
-#pragma unroll
-            for (int b = 0; b < kGatherBatch; ++b) {
-              weight[b] = i0 + b < end ? f.weights[4 * int64_t{id[b]} + q] : A(0);
+              const bool in = i0 + b < end;
+              rows[b] = in ? f.sorted_rows[i0 + b] : 0;
+              weight[b] = in ? f.sorted_weights[4 * int64_t{i0 + b} + q] : A(0);
             }
             A g[kGatherBatch][VEC];
 #pragma unroll
@@ -812,7 +831,7 @@ __global__ void __launch_bounds__(kBlock, gather_blocks<T>(VEC))
                 g[b][e] = A(0);
               }
               if (weight[b] != A(0)) {
-                load_vec<VEC>(grad_output + (first_row + id[b] / per_row) * s.channels + d, g[b]);
+                load_vec<VEC>(grad_output + (first_row + rows[b]) * s.channels + d, g[b]);
               }
             }
 #pragma unroll
@@ -905,6 +924,8 @@ cudaError_t gather_value_grad(const MsdaInputs& in, const T* grad_output, T* gra
     f.ids = reinterpret_cast<int32_t*>(base + plan.ids);
     f.sorted_ids = reinterpret_cast<const int32_t*>(base + plan.sorted_ids);
     f.weights = reinterpret_cast<A*>(base + plan.weights);
+    f.sorted_rows = reinterpret_cast<int32_t*>(base + plan.ids);  // the ids are sorted by then
+    f.sorted_weights = reinterpret_cast<A*>(base + plan.sorted_weights);
     cudaError_t status =
         cudaMemsetAsync(f.counts, 0, static_cast<size_t>(f.keys + 1) * sizeof(int32_t), stream);
     if (status != cudaSuccess) {
@@ -920,6 +941,10 @@ cudaError_t gather_value_grad(const MsdaInputs& in, const T* grad_output, T* gra
                           reinterpret_cast<int32_t*>(base + plan.sorted_ids),
                           static_cast<int32_t>(f.samples), plan.key_bits,
                           base + plan.sort_scratch, plan.sort_scratch_bytes, stream);
+    }
+    if (status == cudaSuccess && f.samples > 0) {
+      arrange_kernel<A><<<grid_for(f.samples), kBlock, 0, stream>>>(f, s.levels * s.points);
+      status = cudaGetLastError();
     }
     if (status == cudaSuccess) {
       status = launch_gather<T>(vec, a, f, grad_output, grad_value, stream);
