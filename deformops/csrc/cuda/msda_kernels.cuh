@@ -807,14 +807,18 @@ __global__ void __launch_bounds__(kBlock, gather_blocks<T>(VEC))
         }
         const int64_t y = local / w;
         const int64_t x = local - y * w;
+        // The four cells' sample ranges, loaded together (one memory round trip).
+        int32_t first[4], last[4];
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
           const int64_t cell = level_begin + (y + 1 - (q >> 1)) * (w + 1) + (x + 1 - (q & 1));
-          if (cell >= f.cells) {
-            continue;
-          }
-          const int32_t end = f.starts[pair + cell + 1];
-          for (int32_t i0 = f.starts[pair + cell]; i0 < end; i0 += kGatherBatch) {
+          first[q] = cell < f.cells ? f.starts[pair + cell] : 0;
+          last[q] = cell < f.cells ? f.starts[pair + cell + 1] : 0;
+        }
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const int32_t end = last[q];
+          for (int32_t i0 = first[q]; i0 < end; i0 += kGatherBatch) {
             int32_t rows[kGatherBatch];
             A weight[kGatherBatch];
 #pragma unroll
