@@ -147,10 +147,10 @@ struct CpuConvKernels {
                      const at::Tensor& grad_input, const at::Tensor& grad_offset,
                      const at::Tensor& grad_mask) {
     using T = acc_t<V>;
-    im2col<V>(s, chunk, input, offset, mask, columns);
     cpu::deform_conv_col2im<T>(s, chunk, input.const_data_ptr<T>(), input_plane<T>(offset),
                                input_plane<T>(mask), grad_columns.const_data_ptr<T>(),
-                               grad_input.mutable_data_ptr<T>(), output_plane<T>(grad_offset),
+                               columns.mutable_data_ptr<T>(), grad_input.mutable_data_ptr<T>(),
+                               output_plane<T>(grad_offset),
                                output_plane<T>(grad_mask),
                                at::globalContext().deterministicAlgorithms());
   }

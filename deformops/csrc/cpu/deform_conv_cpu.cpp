@@ -161,8 +161,9 @@ void deform_conv_im2col(const ConvSizes& s, const ConvChunk& chunk, const T* inp
 template <typename T>
 void deform_conv_col2im(const ConvSizes& s, const ConvChunk& chunk, const T* input,
                         const Plane<const T>& offset, const Plane<const T>& mask,
-                        const T* grad_columns, T* grad_input, const Plane<T>& grad_offset,
-                        const Plane<T>& grad_mask, bool deterministic) {
+                        const T* grad_columns, T* columns, T* grad_input,
+                        const Plane<T>& grad_offset, const Plane<T>& grad_mask,
+                        bool deterministic) {
   const int64_t points = s.kernel_h * s.kernel_w;
   const int64_t row = points * s.channels;
   const int64_t image_size = s.height * s.width * s.channels;
@@ -179,8 +180,12 @@ void deform_conv_col2im(const ConvSizes& s, const ConvChunk& chunk, const T* inp
     return partial.data() + ((block * pixels + p) * points + k) * 3;
   };
 
-  // An empty map has no pixel to scatter to, and zero offset and mask gradients.
+  // An empty map has no pixel to scatter to, zero samples, and zero offset and mask
+  // gradients.
   const int64_t units = s.height * s.width > 0 ? images * num_blocks : 0;
+  if (units == 0) {
+    std::fill_n(columns, pixels * row, T(0));
+  }
   at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t n = first_image + unit / num_blocks;
@@ -197,12 +202,15 @@ void deform_conv_col2im(const ConvSizes& s, const ConvChunk& chunk, const T* inp
           const deformops::Corners<T> corners = sample_corners(s, px, kp, offset);
           const T m = modulation(s, px, kp, mask);
           const T* grad = block_columns(s, b, kp.k, grad_columns + p * row);
+          T* sampled = block_columns(s, b, kp.k, columns + p * row);
           T grad_y = T(0);
           T grad_x = T(0);
           T grad_m = T(0);
 #pragma omp simd reduction(+ : grad_y, grad_x, grad_m)
           for (int64_t c = b.begin; c < b.end; ++c) {
-            grad_m += grad[c] * deformops::bilinear_sample(image + c, s.channels, corners);
+            const T value = deformops::bilinear_sample(image + c, s.channels, corners);
+            sampled[c] = m * value;
+            grad_m += grad[c] * value;
             T dy = T(0);
             T dx = T(0);
             deformops::bilinear_sample_grad_location(image + c, s.channels, corners, dy, dx);
@@ -258,7 +266,7 @@ void deform_conv_col2im(const ConvSizes& s, const ConvChunk& chunk, const T* inp
                                       const Plane<const T>&, const Plane<const T>&, T*);     \
   template void deform_conv_col2im<T>(const ConvSizes&, const ConvChunk&, const T*,          \
                                       const Plane<const T>&, const Plane<const T>&, const T*, \
-                                      T*, const Plane<T>&, const Plane<T>&, bool);
+                                      T*, T*, const Plane<T>&, const Plane<T>&, bool);
 
 DEFORMOPS_INSTANTIATE_CONV(float)
 DEFORMOPS_INSTANTIATE_CONV(double)

@@ -70,17 +70,19 @@ void deform_conv_im2col(const ConvSizes& s, const ConvChunk& chunk, const T* inp
                         const Plane<const T>& offset, const Plane<const T>& mask, T* columns);
 
 // The backward of deform_conv_im2col given `grad_columns` (columns layout): adds
-// the input gradient into the channels-last `grad_input` [N, H, W, C] and writes
+// the input gradient into the channels-last `grad_input` [N, H, W, C], writes
 // the chunk's pixels of `grad_offset` and, with a mask, `grad_mask` (dense: no
-// two elements share memory). Every result is the same from run to run; with
+// two elements share memory), and writes `columns` as deform_conv_im2col does
+// (the weight gradient needs them; the samples are read once for both). Every result is the same from run to run; with
 // `deterministic` it is also the same whatever the number of threads (the
 // channels are split as for one thread, which leaves fewer tasks to share out
 // when a chunk has fewer images than there are threads).
 template <typename T>
 void deform_conv_col2im(const ConvSizes& s, const ConvChunk& chunk, const T* input,
                         const Plane<const T>& offset, const Plane<const T>& mask,
-                        const T* grad_columns, T* grad_input, const Plane<T>& grad_offset,
-                        const Plane<T>& grad_mask, bool deterministic);
+                        const T* grad_columns, T* columns, T* grad_input,
+                        const Plane<T>& grad_offset, const Plane<T>& grad_mask,
+                        bool deterministic);
 
 // Deformable RoI pooling (roi_pool.h) of the channels-last `input` [N, H, W, C]
 // into `output` [K, C, out_h, out_w]; `rois` [K, 5], `offset` [K, 2, out_h,
