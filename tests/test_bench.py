@@ -113,6 +113,7 @@ def test_cpu_run_records_errors_and_chart(tmp_path, capsys):
         assert r["fwd_ms"] > 0
         assert r["fwdbwd_ms"] > 0
         assert r["peak_mib"] > 0  # CPU: from the profiler's allocation records
+        assert r["extra_mib"] < r["peak_mib"]
         assert r["version"]
         assert r["torch"] == torch.__version__
         scaled = workloads.WORKLOADS[r["workload"]].scaled(0.0625)
@@ -290,6 +291,11 @@ def test_cpu_peak_memory_counts_live_allocations():
     measured = timing.measure(case, runs=1, warmup=0)
     inputs_mib = (x.nbytes + 4) / 2**20
     assert 12e6 / 2**20 + inputs_mib <= measured.peak_mib < 40e6 / 2**20 + inputs_mib
+    # Working memory: less the inputs, the output (4 bytes) and x's gradient (4 MB); the
+    # intermediates b and c (12 MB) at least, by the same upper bound.
+    returned_mib = (4 + x.nbytes) / 2**20
+    assert measured.extra_mib == pytest.approx(measured.peak_mib - inputs_mib - returned_mib)
+    assert 8e6 / 2**20 <= measured.extra_mib < 40e6 / 2**20
 
 
 def test_roi_pool_workload_on_cpu(tmp_path):

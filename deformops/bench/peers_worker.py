@@ -184,6 +184,7 @@ def run_job(peer: ModuleType, job: dict[str, Any], device: torch.device) -> dict
         "fwd_ms": measured.fwd_ms,
         "fwdbwd_ms": measured.fwdbwd_ms,
         "peak_mib": measured.peak_mib,
+        "extra_mib": measured.extra_mib,
         "version": peer.__version__,
         "options": options,
         "checksum": workloads.checksum(inputs),

@@ -2,7 +2,8 @@
 side, one JSON record each.
 
 A record holds ``op, workload, dtype, impl, fwd_ms, fwdbwd_ms, peak_mib, rel_err, device,
-torch, cuda, version, date`` and: ``harness`` (this package's version; ``version`` is
+torch, cuda, version, date`` and: ``extra_mib`` (working memory: the peak less the inputs,
+output and gradients, see :mod:`.timing`), ``harness`` (this package's version; ``version`` is
 that of the implementation measured), ``shape`` (the workload, after ``scale``),
 ``scale``, ``runs``, ``warmup``, ``seed``, ``rel_err_parts`` (error of the output and of
 each gradient), ``backend`` (for ``deformops``: ``native`` or ``reference``),
@@ -217,7 +218,10 @@ class Runner:
         case: Case = impl.build(workload, inputs)
         measured = measure(case, self.config.runs, self.config.warmup)
         record.update(
-            fwd_ms=measured.fwd_ms, fwdbwd_ms=measured.fwdbwd_ms, peak_mib=measured.peak_mib
+            fwd_ms=measured.fwd_ms,
+            fwdbwd_ms=measured.fwdbwd_ms,
+            peak_mib=measured.peak_mib,
+            extra_mib=measured.extra_mib,
         )
         return measured.results
 
@@ -238,6 +242,7 @@ class Runner:
             "fwd_ms": None,
             "fwdbwd_ms": None,
             "peak_mib": None,
+            "extra_mib": None,
             "rel_err": None,
             **self.env,
             "version": None,
@@ -251,7 +256,7 @@ class Runner:
             local = impls.IMPLS[workload.op].get(name)
             if local is None:
                 results, reply = self._measure_peer(workload, dtype, name, inputs)
-                for key in ("fwd_ms", "fwdbwd_ms", "peak_mib", "version", "options"):
+                for key in ("fwd_ms", "fwdbwd_ms", "peak_mib", "extra_mib", "version", "options"):
                     record[key] = reply.get(key)
                 kind, gradients = impls.DEFORMABLE, differentiable(workload)
             else:

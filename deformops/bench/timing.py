@@ -19,7 +19,10 @@ Method (DESIGN.md, "Benchmark workloads"):
   tables and ``grad_output``); so it is the peak of the whole forward+backward including
   its inputs, and independent of anything else the process holds. On CUDA it is read from
   ``torch.cuda.max_memory_allocated``; on the CPU it is the running sum of the
-  allocations and frees that ``torch.profiler`` records (``profile_memory=True``).
+  allocations and frees that ``torch.profiler`` records (``profile_memory=True``);
+- working memory (``extra_mib``): that peak less the inputs, the output and the
+  gradients, i.e. what the implementation holds beyond what it takes and returns (a
+  decoder's value and its gradient can be most of its peak, whatever the implementation).
 """
 
 from __future__ import annotations
@@ -67,12 +70,13 @@ class Case:
 
 @dataclasses.dataclass
 class Measurement:
-    """Median times (ms), peak memory (MiB) and the results of the
+    """Median times (ms), peak and working memory (MiB) and the results of the
     first call (output, then gradients, in the harness layout, detached)."""
 
     fwd_ms: float
     fwdbwd_ms: float
     peak_mib: float
+    extra_mib: float
     results: list[Tensor]
 
 
@@ -175,4 +179,6 @@ def measure(case: Case, runs: int, warmup: int) -> Measurement:
     peak = _peak_mib(case, device)
     fwd = _times_ms(lambda: _forward(case), runs, device)
     fwdbwd = _times_ms(lambda: _forward_backward(case), runs, device)
-    return Measurement(statistics.median(fwd), statistics.median(fwdbwd), peak, results)
+    inputs = sum(t.nbytes for t in [*case.leaves, *case.others, case.grad_output])
+    extra = peak - (inputs + sum(t.nbytes for t in results)) / 2**20
+    return Measurement(statistics.median(fwd), statistics.median(fwdbwd), peak, extra, results)
