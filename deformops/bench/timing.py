@@ -19,7 +19,9 @@ Method (DESIGN.md, "Benchmark workloads"):
   tables and ``grad_output``); so it is the peak of the whole forward+backward including
   its inputs, and independent of anything else the process holds. On CUDA it is read from
   ``torch.cuda.max_memory_allocated``; on the CPU it is the running sum of the
-  allocations and frees that ``torch.profiler`` records (``profile_memory=True``);
+  allocations and frees that ``torch.profiler`` records (``profile_memory=True``), per
+  operator: a buffer that one operator allocates and frees inside itself (a native
+  kernel's workspace) is not seen, so on the CPU the figure is a lower bound;
 - working memory (``extra_mib``): that peak less the inputs, the output and the
   gradients, i.e. what the implementation holds beyond what it takes and returns (a
   decoder's value and its gradient can be most of its peak, whatever the implementation).
