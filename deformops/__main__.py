@@ -21,7 +21,7 @@ import torch
 
 from . import __version__, _build, ops
 from .bench import cli as bench_cli
-from .nn import DeformAttn2d, DeformConv2d
+from .nn import DeformAttn2d, DeformConv2d, DeformRoIPoolPack2d
 
 #: Largest relative error (norm) of float32 results against the float64 reference.
 CHECK_TOLERANCE = 1e-4
@@ -72,6 +72,16 @@ def _attn_case(device: str) -> tuple[torch.nn.Module, list[torch.Tensor]]:
     return layer, [query, reference_points, *maps]
 
 
+def _roi_case(device: str) -> tuple[torch.nn.Module, list[torch.Tensor]]:
+    layer = DeformRoIPoolPack2d(3, output_channels=8, deform_fc_channels=16, spatial_scale=0.5)
+    torch.nn.init.normal_(layer.offset_fc[-1].weight, std=0.3)  # offsets that matter
+    corners = torch.rand(6, 2, device=device) * 12
+    sizes = 2 + torch.rand(6, 2, device=device) * 10
+    batch = torch.tensor([0, 1, 1, 0, 1, 0], dtype=torch.float32, device=device)
+    rois = torch.cat([batch[:, None], corners, corners + sizes], dim=1)
+    return layer, [torch.randn(2, 8, 12, 10, device=device), rois]
+
+
 def _attn_call(layer: torch.nn.Module, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
     return layer(inputs[0], inputs[1], list(inputs[2:]))
 
@@ -79,6 +89,7 @@ def _attn_call(layer: torch.nn.Module, inputs: Sequence[torch.Tensor]) -> torch.
 _CASES: dict[str, tuple[str, Callable, Callable]] = {
     "DeformConv2d": ("deform_conv2d", _conv_case, lambda layer, inputs: layer(*inputs)),
     "DeformAttn2d": ("multi_scale_deformable_attention", _attn_case, _attn_call),
+    "DeformRoIPoolPack2d": ("deform_roi_pool", _roi_case, lambda layer, inputs: layer(*inputs)),
 }
 
 
@@ -106,7 +117,8 @@ def _relative_error(results: Sequence[torch.Tensor], expected: Sequence[torch.Te
 
 
 def check() -> int:
-    """Run both modules on every device and backend against the float64 reference."""
+    """Run the modules of the three operators on every device and backend against the
+    float64 reference."""
     rows = []
     failed = False
     for name, (op, make, call) in _CASES.items():

@@ -22,7 +22,7 @@ def test_info_reports_versions_and_cache(capsys: pytest.CaptureFixture[str]) -> 
 def test_check_passes_and_prints_every_backend(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["check"]) == 0
     out = capsys.readouterr().out
-    for module in ("DeformConv2d", "DeformAttn2d"):
+    for module in ("DeformConv2d", "DeformAttn2d", "DeformRoIPoolPack2d"):
         for backend in ("reference", "native"):
             assert any(line.split()[:3] == [module, "cpu", backend] for line in out.splitlines()), (
                 module,
