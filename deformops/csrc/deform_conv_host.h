@@ -147,8 +147,12 @@ inline at::Tensor weight_matrix(const at::Tensor& weight, at::ScalarType dtype) 
   return weight.to(dtype).permute({0, 2, 3, 1}).reshape({weight.size(0), -1});
 }
 
-// Group g of `groups` equal slices of `t` along dimension `dim`.
+// Group g of `groups` equal slices of `t` along dimension `dim` (`t` itself for one
+// group: no narrow, whose dispatch costs host time on every chunk).
 inline at::Tensor group_slice(const at::Tensor& t, int64_t dim, int64_t groups, int64_t g) {
+  if (groups == 1) {
+    return t;
+  }
   const int64_t size = t.size(dim) / groups;
   return t.narrow(dim, g * size, size);
 }
