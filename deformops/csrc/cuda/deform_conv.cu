@@ -160,18 +160,10 @@ __device__ __forceinline__ int64_t column_base(const Geometry& g, uint32_t c) {
   return c + group * (g.kernel_points - 1) * int64_t(g.group_channels);
 }
 
-// A vector of VEC elements of type V as loaded by one instruction, not yet widened.
-template <typename V, int VEC>
-using Raw = typename Word<VEC * static_cast<int>(sizeof(V))>::type;
-
-template <typename V, int VEC>
-__device__ __forceinline__ Raw<V, VEC> load_raw(const V* p) {
-  return __ldg(reinterpret_cast<const Raw<V, VEC>*>(p));
-}
-
-// Widens a raw vector into out[0, VEC), or writes zeros when `present` is false.
+// Widens a packed vector (common.cuh's load_packed) into out[0, VEC), or writes
+// zeros when `present` is false.
 template <typename T, typename V, int VEC>
-__device__ __forceinline__ void widen_raw(const Raw<V, VEC>& raw, bool present, T* out) {
+__device__ __forceinline__ void widen_raw(const Packed<VEC, V>& raw, bool present, T* out) {
   V elements[VEC];
   memcpy(elements, &raw, sizeof(raw));
 #pragma unroll
@@ -312,11 +304,11 @@ __global__ void __launch_bounds__(kThreads, kIm2colMinBlocks)
       const deformops::Corners<T> local = in_registers(slot);
       for (uint32_t v = lane; v < g.vectors; v += team_lanes(g)) {
         const uint32_t c = at.og * g.offset_group_channels + v * VEC;
-        Raw<V, VEC> raw[4];
+        Packed<VEC, V> raw[4];
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
           if (slot.weight[q] != T(0)) {
-            raw[q] = load_raw<V, VEC>(image + int64_t(slot.offset[q]) * g.channels + c);
+            raw[q] = load_packed<VEC>(image + int64_t(slot.offset[q]) * g.channels + c);
           }
         }
         T values[4 * VEC];
@@ -406,15 +398,15 @@ __global__ void __launch_bounds__(kThreads, kCol2imMinBlocks)
       for (uint32_t v = lane; active && v < g.vectors; v += team_lanes(g)) {
         const uint32_t c = at.og * g.offset_group_channels + v * VEC;
         const int64_t base = column_base(g, c) + int64_t(k0 + kk) * g.group_channels;
-        Raw<V, VEC> raw[4];
+        Packed<VEC, V> raw[4];
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
           if (used[q]) {
-            raw[q] = load_raw<V, VEC>(image + int64_t(slot.offset[q]) * g.channels + c);
+            raw[q] = load_packed<VEC>(image + int64_t(slot.offset[q]) * g.channels + c);
           }
         }
         T grad_col[VEC];
-        widen_raw<T, V, VEC>(load_raw<V, VEC>(grad_row + base), true, grad_col);
+        widen_raw<T, V, VEC>(load_packed<VEC>(grad_row + base), true, grad_col);
         T values[4 * VEC];
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
@@ -640,11 +632,11 @@ __global__ void __launch_bounds__(kThreads, kGatherMinBlocks)
           bases[b] = present ? files.sorted_base[i0 + b] : 0;
           w[b] = present ? sorted[q * int64_t(samples) + i0 + b] : T(0);
         }
-        Raw<V, VEC> raw[kGatherBatch];
+        Packed<VEC, V> raw[kGatherBatch];
 #pragma unroll
         for (int b = 0; b < kGatherBatch; ++b) {
           if (i0 + b < end[q]) {
-            raw[b] = load_raw<V, VEC>(grad_columns + bases[b] + column);
+            raw[b] = load_packed<VEC>(grad_columns + bases[b] + column);
           }
         }
 #pragma unroll
