@@ -13,6 +13,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace deformops::gpu {
 
@@ -267,6 +268,51 @@ __device__ __forceinline__ A lane_sum(A v, int first, int end, unsigned int mask
 // Whether `p` is aligned to `bytes` (a power of two).
 inline bool is_aligned(const void* p, uintptr_t bytes) {
   return (reinterpret_cast<uintptr_t>(p) & (bytes - 1)) == 0;
+}
+
+// Bytes of the widest access one instruction makes.
+constexpr int kMaxVectorBytes = 16;
+
+// Elements per vector for elements of `Bytes` bytes: the most (a power of two,
+// kMaxVectorBytes at most) that divide `elements`, with each of the `count`
+// pointers aligned to the vector.
+template <int Bytes>
+int vector_width(int64_t elements, const void* const* pointers, int count) {
+  for (int vec = kMaxVectorBytes / Bytes; vec > 1; vec /= 2) {
+    bool ok = elements % vec == 0;
+    for (int i = 0; i < count; ++i) {
+      ok = ok && is_aligned(pointers[i], static_cast<uintptr_t>(vec) * Bytes);
+    }
+    if (ok) {
+      return vec;
+    }
+  }
+  return 1;
+}
+
+// Calls f(std::integral_constant<int, VEC>{}) for VEC = vec, among the widths
+// whose vectors of elements of `Bytes` bytes fit kMaxVectorBytes (so that no
+// kernel is instantiated for a width it cannot load in one instruction); 1 for
+// any other vec. Returns what f returns.
+template <int Bytes, typename F>
+cudaError_t with_vector_width(int vec, F&& f) {
+  switch (vec) {
+    case 8:
+      if constexpr (Bytes * 8 <= kMaxVectorBytes) {
+        return f(std::integral_constant<int, 8>{});
+      }
+      break;
+    case 4:
+      if constexpr (Bytes * 4 <= kMaxVectorBytes) {
+        return f(std::integral_constant<int, 4>{});
+      }
+      break;
+    case 2:
+      return f(std::integral_constant<int, 2>{});
+    default:
+      break;
+  }
+  return f(std::integral_constant<int, 1>{});
 }
 
 }  // namespace deformops::gpu

@@ -46,7 +46,6 @@ namespace deformops::gpu {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kMaxVectorBytes = 16;
 // Occupancy of the sampling kernels, whose gathers are latency-bound: im2col at
 // 3 blocks per multiprocessor (80 registers), col2im at 4 (64 registers). On an
 // H100 these beat 2 blocks with two kernel points' loads in flight per lane.
@@ -714,18 +713,9 @@ int64_t gcd(int64_t a, int64_t b) {
 // an offset group and of a convolution group, with every vector-accessed
 // pointer aligned to the vector.
 template <typename V>
-int vector_width(const ConvSizes& s, const void* const* pointers, int count) {
+int conv_vector_width(const ConvSizes& s, const void* const* pointers, int count) {
   const int64_t channels = gcd(s.channels / s.groups, s.channels / s.offset_groups);
-  for (int vec = kMaxVectorBytes / static_cast<int>(sizeof(V)); vec > 1; vec /= 2) {
-    bool ok = channels % vec == 0;
-    for (int i = 0; i < count; ++i) {
-      ok = ok && is_aligned(pointers[i], vec * sizeof(V));
-    }
-    if (ok) {
-      return vec;
-    }
-  }
-  return 1;
+  return vector_width<sizeof(V)>(channels, pointers, count);
 }
 
 int64_t chunk_pixels(const ConvSizes& s, const ConvChunk& chunk) {
@@ -798,29 +788,6 @@ unsigned int blocks_for(int64_t threads) {
   return static_cast<unsigned int>((threads + kThreads - 1) / kThreads);
 }
 
-// Calls f(std::integral_constant<int, VEC>) for VEC = vec, among the widths that
-// fit 16 bytes of V.
-template <typename V, typename F>
-cudaError_t with_vector_width(int vec, F&& f) {
-  switch (vec) {
-    case 8:
-      if constexpr (sizeof(V) * 8 <= kMaxVectorBytes) {
-        return f(std::integral_constant<int, 8>{});
-      }
-      break;
-    case 4:
-      if constexpr (sizeof(V) * 4 <= kMaxVectorBytes) {
-        return f(std::integral_constant<int, 4>{});
-      }
-      break;
-    case 2:
-      return f(std::integral_constant<int, 2>{});
-    default:
-      break;
-  }
-  return f(std::integral_constant<int, 1>{});
-}
-
 // Bits of the cell keys of a chunk: enough that a key of all ones (the cell -1
 // of a sample that touches no pixel) sorts after every cell.
 int cell_key_bits(const ConvSizes& s, const ConvChunk& chunk) {
@@ -882,7 +849,7 @@ cudaError_t deform_conv_im2col(const ConvSizes& s, const ConvChunk& chunk, const
                                const Plane<const V>& offset, const Plane<const V>& mask,
                                V* columns, cudaStream_t stream) {
   const void* pointers[] = {input, columns};
-  const int vec = vector_width<V>(s, pointers, 2);
+  const int vec = conv_vector_width<V>(s, pointers, 2);
   Geometry g;
   if (!make_geometry(s, chunk, vec, g)) {
     return cudaErrorInvalidValue;
@@ -892,7 +859,7 @@ cudaError_t deform_conv_im2col(const ConvSizes& s, const ConvChunk& chunk, const
   }
   g.offset_strides = strides_of(offset);
   g.mask_strides = strides_of(mask);
-  return with_vector_width<V>(vec, [&](auto width) {
+  return with_vector_width<sizeof(V)>(vec, [&](auto width) {
     im2col_kernel<V, decltype(width)::value>
         <<<blocks_for(int64_t(g.teams) << g.lanes_log2), kThreads, 0, stream>>>(
             g, input, offset.data, mask.data, columns);
@@ -915,7 +882,7 @@ cudaError_t deform_conv_col2im(const ConvSizes& s, const ConvChunk& chunk, const
                                cudaStream_t stream) {
   using T = acc_type<V>;
   const void* pointers[] = {input, grad_columns, columns};
-  const int vec = vector_width<V>(s, pointers, 3);
+  const int vec = conv_vector_width<V>(s, pointers, 3);
   Geometry g;
   const WorkspaceLayout layout = workspace_layout<T>(s, chunk, deterministic);
   if (!make_geometry(s, chunk, vec, g) || workspace_bytes < layout.total ||
@@ -947,7 +914,7 @@ cudaError_t deform_conv_col2im(const ConvSizes& s, const ConvChunk& chunk, const
   if (status != cudaSuccess) {
     return status;
   }
-  return with_vector_width<V>(vec, [&](auto width) {
+  return with_vector_width<sizeof(V)>(vec, [&](auto width) {
     constexpr int VEC = decltype(width)::value;
     col2im_kernel<V, VEC><<<blocks_for(int64_t(g.teams) << g.lanes_log2), kThreads, 0, stream>>>(
         g, input, offset.data, mask.data, grad_columns, columns, grad_offset.data, grad_mask.data,
@@ -999,23 +966,7 @@ cudaError_t deform_conv_transpose(const S* src, D* dst, int64_t batch, int64_t r
         src, dst, rows, cols, static_cast<uint32_t>(row_tiles), static_cast<uint32_t>(col_tiles));
     return cudaGetLastError();
   };
-  switch (vec) {
-    case 8:
-      if constexpr (kMaxVec >= 8) {
-        return launch(std::integral_constant<int, 8>{});
-      }
-      break;
-    case 4:
-      if constexpr (kMaxVec >= 4) {
-        return launch(std::integral_constant<int, 4>{});
-      }
-      break;
-    case 2:
-      return launch(std::integral_constant<int, 2>{});
-    default:
-      break;
-  }
-  return launch(std::integral_constant<int, 1>{});
+  return with_vector_width<(sizeof(S) > sizeof(D) ? sizeof(S) : sizeof(D))>(vec, launch);
 }
 
 #define DEFORMOPS_INSTANTIATE_CONV(V)                                                         \

@@ -855,20 +855,7 @@ __global__ void __launch_bounds__(kBlock, gather_blocks<T>(VEC))
   }
 }
 
-// Channels per vector of the gather: the most (16 bytes at most) that divide D,
-// with grad_output and grad_value aligned to the vector.
-template <typename T>
-int gather_vector_width(const MsdaSizes& s, const void* grad_output, const void* grad_value) {
-  for (int vec = 16 / static_cast<int>(sizeof(T)); vec > 1; vec /= 2) {
-    if (s.channels % vec == 0 && is_aligned(grad_output, vec * sizeof(T)) &&
-        is_aligned(grad_value, vec * sizeof(T))) {
-      return vec;
-    }
-  }
-  return 1;
-}
-
-// Launches gather_kernel with vectors of `vec` channels (gather_vector_width).
+// Launches gather_kernel with vectors of `vec` channels (common.cuh's vector_width).
 template <typename T>
 cudaError_t launch_gather(int vec, const Args<T>& a, const Filing<acc_type<T>>& f,
                           const T* grad_output, T* grad_value, cudaStream_t stream) {
@@ -881,21 +868,7 @@ cudaError_t launch_gather(int vec, const Args<T>& a, const Filing<acc_type<T>>& 
                                                                      grad_value, log_c);
     return cudaGetLastError();
   };
-  constexpr int kMaxVec = 16 / static_cast<int>(sizeof(T));
-  if constexpr (kMaxVec >= 8) {
-    if (vec == 8) {
-      return launch(std::integral_constant<int, 8>{});
-    }
-  }
-  if constexpr (kMaxVec >= 4) {
-    if (vec == 4) {
-      return launch(std::integral_constant<int, 4>{});
-    }
-  }
-  if (vec == 2) {
-    return launch(std::integral_constant<int, 2>{});
-  }
-  return launch(std::integral_constant<int, 1>{});
+  return with_vector_width<sizeof(T)>(vec, launch);
 }
 
 // The value gradient of the deterministic backward, written entirely.
@@ -914,7 +887,8 @@ cudaError_t gather_value_grad(const MsdaInputs& in, const T* grad_output, T* gra
   const Args<T> a = make_args<T>(in, Layout{});
   char* base = static_cast<char*>(workspace);
   const int64_t per_image = s.queries * s.heads * s.levels * s.points;
-  const int vec = gather_vector_width<T>(s, grad_output, grad_value);
+  const void* vector_pointers[] = {grad_output, grad_value};
+  const int vec = vector_width<sizeof(T)>(s.channels, vector_pointers, 2);
   for (int64_t n = 0; n < s.batch; n += plan.images) {
     Filing<A> f;
     f.n_begin = n;
