@@ -282,19 +282,36 @@ __device__ __forceinline__ unsigned int segment_mask(int lanes) {
   return bits << ((threadIdx.x & 31) & ~(lanes - 1));
 }
 
+// This thread's lanes in its group (see the file comment) and the shape of the
+// group's work, the same in the forward and the backward.
+struct GroupLanes {
+  int lanes;           // channel lanes of a group
+  int lane_c, lane_s;  // this thread's channel lane and point lane
+  unsigned int mask;   // the lanes of its channel segment, for shuffles
+  uint32_t row;        // elements between positions of the value (M * D)
+  int64_t samples;     // L * P samples of an (n, q, m) row
+  int64_t rounds;      // rounds of `lanes` samples
+};
+
+__device__ __forceinline__ GroupLanes group_lanes(const MsdaSizes& s, const Layout& lay) {
+  GroupLanes g;
+  g.lanes = 1 << lay.log_c;
+  g.lane_c = threadIdx.x & (g.lanes - 1);
+  g.lane_s = (threadIdx.x >> lay.log_c) & ((1 << lay.log_s) - 1);
+  g.mask = segment_mask(g.lanes);
+  g.row = static_cast<uint32_t>(s.heads * s.channels);
+  g.samples = s.levels * s.points;
+  g.rounds = (g.samples + g.lanes - 1) >> lay.log_c;
+  return g;
+}
+
 template <typename T, int VEC, bool ONE_PASS>
 __global__ void __launch_bounds__(kBlock, kForwardBlocks)
     msda_forward_kernel(const Args<T> a, T* __restrict__ output) {
   using A = acc_type<T>;
   const MsdaSizes& s = a.s;
   const Layout& lay = a.lay;
-  const int lanes = 1 << lay.log_c;
-  const int lane_c = threadIdx.x & (lanes - 1);
-  const int lane_s = (threadIdx.x >> lay.log_c) & ((1 << lay.log_s) - 1);
-  const unsigned int mask = segment_mask(lanes);
-  const uint32_t row = static_cast<uint32_t>(s.heads * s.channels);
-  const int64_t samples = s.levels * s.points;
-  const int64_t rounds = (samples + lanes - 1) >> lay.log_c;
+  const auto [lanes, lane_c, lane_s, mask, row, samples, rounds] = group_lanes(s, lay);
   const int passes = ONE_PASS ? 1 : lay.passes;
   // The loop bound is uniform over the block, so every lane reaches the shuffles.
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * kBlock; base < lay.threads;
@@ -361,13 +378,7 @@ __global__ void __launch_bounds__(kBlock, kBackwardBlocks)
   using A = acc_type<T>;
   const MsdaSizes& s = a.s;
   const Layout& lay = a.lay;
-  const int lanes = 1 << lay.log_c;
-  const int lane_c = threadIdx.x & (lanes - 1);
-  const int lane_s = (threadIdx.x >> lay.log_c) & ((1 << lay.log_s) - 1);
-  const unsigned int mask = segment_mask(lanes);
-  const uint32_t row = static_cast<uint32_t>(s.heads * s.channels);
-  const int64_t samples = s.levels * s.points;
-  const int64_t rounds = (samples + lanes - 1) >> lay.log_c;
+  const auto [lanes, lane_c, lane_s, mask, row, samples, rounds] = group_lanes(s, lay);
   const int passes = ONE_PASS ? 1 : lay.passes;
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * kBlock; base < lay.threads;
        base += static_cast<int64_t>(gridDim.x) * kBlock) {
