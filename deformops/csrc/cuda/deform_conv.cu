@@ -118,6 +118,26 @@ __device__ __forceinline__ Place place_of(const Geometry& g, uint32_t team) {
   return at;
 }
 
+// This thread's team of im2col / col2im, its lane there, whether the team exists
+// (the threads past the last one work on team 0's place, so that every lane of a
+// warp keeps in step), and where the team works.
+struct TeamThread {
+  uint32_t team;
+  bool active;
+  uint32_t lane;
+  Place at;
+};
+
+__device__ __forceinline__ TeamThread team_thread(const Geometry& g) {
+  const uint32_t thread = blockIdx.x * kThreads + threadIdx.x;
+  TeamThread t;
+  t.team = thread >> g.lanes_log2;
+  t.active = t.team < g.teams;
+  t.lane = thread & (team_lanes(g) - 1u);
+  t.at = place_of(g, t.active ? t.team : 0);
+  return t;
+}
+
 // Index, in an offset-like tensor [N, 2*G*K, H_out, W_out] of strides `st`, of
 // the dy of kernel point 0 of the team's offset group at its pixel (kernel point
 // k's dy is 2k channels later, its dx one more).
@@ -283,11 +303,7 @@ __global__ void __launch_bounds__(kThreads, kIm2colMinBlocks)
   using T = acc_type<V>;
   __shared__ CornerSlot<T> block_slots[kThreads];
   CornerSlot<T>* slots = team_slots(block_slots, g);
-  const uint32_t thread = blockIdx.x * kThreads + threadIdx.x;
-  const uint32_t team = thread >> g.lanes_log2;
-  const bool active = team < g.teams;
-  const uint32_t lane = thread & (team_lanes(g) - 1u);
-  const Place at = place_of(g, active ? team : 0);
+  const auto [team, active, lane, at] = team_thread(g);
   const V* image = input + at.n * g.image_size;
   V* row = columns + int64_t(at.p) * g.row;
   // Kernel points in phases of TS: lane l computes the corners of point k0 + l.
@@ -337,12 +353,8 @@ __global__ void __launch_bounds__(kThreads, kCol2imMinBlocks)
   using T = acc_type<V>;
   __shared__ CornerSlot<T> block_slots[kThreads];
   CornerSlot<T>* slots = team_slots(block_slots, g);
-  const uint32_t thread = blockIdx.x * kThreads + threadIdx.x;
-  const uint32_t team = thread >> g.lanes_log2;
   // Lanes past the last team stay to take part in the team sums.
-  const bool active = team < g.teams;
-  const uint32_t lane = thread & (team_lanes(g) - 1u);
-  const Place at = place_of(g, active ? team : 0);
+  const auto [team, active, lane, at] = team_thread(g);
   const V* image = input + at.n * g.image_size;
   const int64_t dy_base = offset_base(g, g.grad_offset_strides, at);
   const int64_t m_base = mask_base(g, g.grad_mask_strides, at);
