@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -188,3 +189,24 @@ def conv_inputs() -> Callable[..., dict[str, Any]]:
 def msda_inputs() -> Callable[..., dict[str, Any]]:
     """Factory of random ``multi_scale_deformable_attention`` arguments."""
     return make_msda_inputs
+
+
+@contextlib.contextmanager
+def num_threads(count: int) -> Iterator[None]:
+    """``torch.set_num_threads(count)`` inside the block, restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def deterministic() -> Iterator[None]:
+    """``torch.use_deterministic_algorithms(True)`` for the test, restored afterwards."""
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)

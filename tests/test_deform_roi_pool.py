@@ -9,15 +9,13 @@ opcheck, torch.compile, autocast, empty inputs and argument errors.
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import naive
 import pytest
 import torch
-from conftest import FLOAT_DTYPES, TOLERANCE
+from conftest import FLOAT_DTYPES, TOLERANCE, num_threads
 from naive import relative_error
 from test_errors import raises
 from test_ops import (
@@ -439,16 +437,6 @@ def _reference(args: dict[str, Any], grad_output: torch.Tensor) -> dict[str, tor
     return result
 
 
-@contextlib.contextmanager
-def _threads(count: int) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 @pytest.mark.usefixtures("native_cpu")
 @pytest.mark.parametrize(
     "case", ["default", "no_offset", "far_outside", "integer_boxes_with_offsets"]
@@ -469,9 +457,9 @@ def test_native_matches_reference(case: str, dtype: torch.dtype) -> None:
 def test_native_threads_agree_exactly() -> None:
     args = _cast(make_roi_inputs(n=3, c=40, h=17, w=19, k=30), torch.float32)
     grad_output = torch.randn(30, 40, 3, 4)
-    with _threads(1):
+    with num_threads(1):
         one = _native(args, grad_output)
-    with _threads(2):
+    with num_threads(2):
         two = _native(args, grad_output)
     for name, value in one.items():
         assert torch.equal(two[name], value), name

@@ -27,16 +27,6 @@ MSDA_FLOATS = ("value", "sampling_locations", "attention_weights")
 
 
 @pytest.fixture
-def deterministic() -> Iterator[None]:
-    """``torch.use_deterministic_algorithms(True)`` for the test, restored afterwards."""
-    enabled = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
-
-
-@pytest.fixture
 def restore_threads() -> Iterator[None]:
     threads = torch.get_num_threads()
     yield

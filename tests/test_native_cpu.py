@@ -10,15 +10,13 @@ results on 1 and 2 threads.
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import naive
 import pytest
 import torch
-from conftest import FLOAT_DTYPES, TOLERANCE, make_conv_inputs, make_msda_inputs
+from conftest import FLOAT_DTYPES, TOLERANCE, make_conv_inputs, make_msda_inputs, num_threads
 from naive import relative_error
 
 from deformops import _build, reference
@@ -64,16 +62,6 @@ def _native_library() -> None:
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
-
-
-@contextlib.contextmanager
-def _threads(count: int) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
@@ -218,9 +206,9 @@ def test_conv_non_contiguous_arguments(dtype: torch.dtype) -> None:
 def test_conv_threads_agree() -> None:
     args = make_conv_inputs(n=3, c_in=40, c_out=8, h=17, w=19, offset_groups=2)
     grad_output = torch.randn(3, 8, 17, 19, dtype=F64)
-    with _threads(1):
+    with num_threads(1):
         one = _conv_native(args, grad_output)
-    with _threads(2):
+    with num_threads(2):
         two = _conv_native(args, grad_output)
     for name, value in one.items():
         torch.testing.assert_close(two[name], value, rtol=1e-13, atol=1e-13, msg=name)
@@ -359,9 +347,9 @@ def test_msda_threads_agree_exactly() -> None:
     same result to the last bit whatever the number of threads."""
     args = _round(make_msda_inputs(n=2, q=300, m=3, d=8, p=4), torch.float32)
     grad_output = _msda_grad_output(args)
-    with _threads(1):
+    with num_threads(1):
         one = _msda_native(args, grad_output)
-    with _threads(2):
+    with num_threads(2):
         two = _msda_native(args, grad_output)
     for name, value in one.items():
         assert torch.equal(two[name], value), name

@@ -56,15 +56,6 @@ def _native() -> Iterator[None]:
     torch._dynamo.reset()
 
 
-@pytest.fixture
-def deterministic() -> Iterator[None]:
-    enabled = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
-
-
 def _relative_error(actual: Tensor, expected: Tensor) -> float:
     actual, expected = actual.double().cpu(), expected.double().cpu()
     return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
