@@ -5,6 +5,10 @@ of each workload under ``torch.profiler`` and prints, per CUDA kernel (and memse
 the time per forward+backward and the share of the total.
 
     python scripts/profile_kernels.py r50_dcn:fp16 detr_enc:fp32 [--deterministic] [--host] [--runs 10]
+        [--scale 0.0625]
+
+``--scale`` shrinks the maps (WORKLOAD.scaled): at a small scale the kernels take
+microseconds and ``--host``'s wall time per forward+backward is the host's cost alone.
 """
 
 from __future__ import annotations
@@ -42,10 +46,10 @@ def host_table(case: object, runs: int) -> None:
         )
 
 
-def profile_case(name: str, dtype: torch.dtype, runs: int, host: bool) -> None:
-    """Print the kernel table of ``runs`` forward+backward passes of workload ``name`` (and,
-    with ``host``, where the host's time goes)."""
-    workload = WORKLOADS[name]
+def profile_case(name: str, dtype: torch.dtype, runs: int, host: bool, scale: float) -> None:
+    """Print the kernel table of ``runs`` forward+backward passes of workload ``name`` with
+    its maps scaled by ``scale`` (and, with ``host``, where the host's time goes)."""
+    workload = WORKLOADS[name] if scale == 1 else WORKLOADS[name].scaled(scale)
     case = IMPLS[workload.op]["deformops"].build(workload, make_inputs(workload, dtype, "cuda"))
     for _ in range(3):
         _forward_backward(case)
@@ -62,7 +66,7 @@ def profile_case(name: str, dtype: torch.dtype, runs: int, host: bool) -> None:
             counts[event.name] += 1
     total = sum(totals.values())
     print(
-        f"\n{name} {dtype} deterministic={torch.are_deterministic_algorithms_enabled()}: "
+        f"\n{name} x{scale} {dtype} deterministic={torch.are_deterministic_algorithms_enabled()}: "
         f"{total / runs:.3f} ms of GPU time per forward+backward"
     )
     for kernel, ms in sorted(totals.items(), key=lambda kv: -kv[1])[:14]:
@@ -80,11 +84,12 @@ def main() -> None:
     parser.add_argument("--deterministic", action="store_true")
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--host", action="store_true", help="also the host's time per operator")
+    parser.add_argument("--scale", type=float, default=1.0, help="map sides times this")
     args = parser.parse_args()
     torch.use_deterministic_algorithms(args.deterministic)
     for spec in args.cases:
         name, dtype = spec.split(":")
-        profile_case(name, DTYPES[dtype], args.runs, args.host)
+        profile_case(name, DTYPES[dtype], args.runs, args.host, args.scale)
 
 
 if __name__ == "__main__":
