@@ -588,13 +588,14 @@ def _tools(device_type: str) -> tuple[str | None, str | None]:
 
 def _sources(device_type: str, root: Path) -> tuple[Path, ...]:
     if device_type == "cpu":
-        bindings, kernels = root / "bindings.cpp", sorted((root / "cpu").glob("*.cpp"))
+        bindings = root / "bindings.cpp"
+        others = [root / "autograd.cpp", *sorted((root / "cpu").glob("*.cpp"))]
     else:
         bindings = root / "bindings_cuda.cpp"
-        kernels = sorted([*(root / "cuda").glob("*.cu"), *(root / "cuda").glob("*.cpp")])
+        others = sorted([*(root / "cuda").glob("*.cu"), *(root / "cuda").glob("*.cpp")])
     if not bindings.is_file():
         raise BuildError(f"the native sources are missing: {bindings} does not exist")
-    return (bindings, *kernels)
+    return (bindings, *others)
 
 
 def _headers(root: Path) -> list[Path]:

@@ -169,7 +169,7 @@ def deform_conv2d(
         _check_floating("bias", bias, 1, "[C_out]")
         _check_same("bias", bias, input, "input", floating)
         _check_shape("bias", bias, (c_out,), "[C_out]")
-    return ops.deform_conv2d(input, offset, weight, mask, bias, sh, sw, ph, pw, dh, dw)
+    return ops.call("deform_conv2d", input, offset, weight, mask, bias, sh, sw, ph, pw, dh, dw)
 
 
 _INTEGER = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -343,7 +343,8 @@ def multi_scale_deformable_attention(
         "[N, Q, M, L, P] matching sampling_locations",
     )
     _check_levels(spatial_shapes, level_start_index, s)
-    return ops.multi_scale_deformable_attention(
+    return ops.call(
+        "multi_scale_deformable_attention",
         value,
         spatial_shapes.long(),
         level_start_index.long(),
@@ -462,4 +463,6 @@ def deform_roi_pool(
             "[K, 2, out_h, out_w] with K from rois and (out_h, out_w) = output_size",
         )
     _check_batch_indices(rois, input.shape[0])
-    return ops.deform_roi_pool(input, rois, offset, out_h, out_w, scale, sampling_ratio, gamma)
+    return ops.call(
+        "deform_roi_pool", input, rois, offset, out_h, out_w, scale, sampling_ratio, gamma
+    )

@@ -15,12 +15,21 @@ Each operator runs on the native library (``deformops_native``, compiled on firs
 :mod:`deformops._build`) where it has a kernel for the device, else on
 :mod:`deformops.reference`. :func:`set_backend` and the environment variable
 ``DEFORMOPS_BACKEND`` choose between them; :func:`backend` reports the choice.
+
+:func:`call` is how the public functions run an operator. An eager call on plain tensors
+goes straight to the native forward operator, whose autograd is a C++ node
+(``csrc/autograd.cpp``): the custom operators' Python layers cost more host time than
+the kernels of a small layer take. Everything else (``torch.compile``, ``torch.export``,
+``torch.jit.trace``, tensor subclasses such as fake tensors, dispatch and function modes,
+functorch transforms, the reference backend) goes through the custom operators. Both run
+the same kernels and give the same results.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -143,8 +152,58 @@ def backend(
     return "native" if all(_use_native(name, device_type) for name in ops) else "reference"
 
 
-def _native() -> object:
+def _native() -> Any:
     return torch.ops.deformops_native
+
+
+def _eager_probes() -> tuple[Callable[[], Any], ...] | None:
+    """torch's checks for modes and transforms (private: None where this torch lacks one)."""
+    try:
+        return (
+            torch._C._is_torch_function_mode_enabled,
+            torch._C._len_torch_dispatch_stack,
+            torch._C._functorch.peek_interpreter_stack,
+            torch._C._is_tracing,
+        )
+    except AttributeError:
+        return None
+
+
+_PROBES = _eager_probes()
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+
+
+def _plain_eager(args: tuple[object, ...]) -> bool:
+    """Whether a call with ``args`` runs eagerly on plain tensors (see the module docstring)."""
+    if _PROBES is None or torch.compiler.is_compiling():
+        return False
+    function_mode, dispatch_modes, transforms, tracing = _PROBES
+    if function_mode() or dispatch_modes() or transforms() is not None or tracing():
+        return False
+    return all(type(a) in _PLAIN_TENSORS for a in args if isinstance(a, Tensor))
+
+
+def call(op: str, *args: object) -> Tensor:
+    """Run operator ``op`` on validated arguments (those of its custom operator).
+
+    Parameters
+    ----------
+    op : str
+        ``"deform_conv2d"``, ``"multi_scale_deformable_attention"`` or ``"deform_roi_pool"``.
+    *args
+        The custom operator's arguments, e.g. ``deform_conv2d(input, offset, weight, mask,
+        bias, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w)``.
+
+    Returns
+    -------
+    Tensor
+        The operator's output, differentiable in its floating tensors.
+    """
+    first = args[0]
+    assert isinstance(first, Tensor)
+    if _plain_eager(args) and _use_native(op, first.device.type):
+        return getattr(_native(), _NATIVE_OPS[op])(*args)
+    return _CUSTOM_OPS[op](*args)
 
 
 # ----------------------------------------------------------------------------------------
@@ -425,3 +484,10 @@ for _backward_op in (
     deform_roi_pool_backward,
 ):
     _backward_op.register_autograd(_no_double_backward, setup_context=_no_context)
+
+
+_CUSTOM_OPS = {
+    "deform_conv2d": deform_conv2d,
+    "multi_scale_deformable_attention": multi_scale_deformable_attention,
+    "deform_roi_pool": deform_roi_pool,
+}
