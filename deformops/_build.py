@@ -64,6 +64,8 @@ _HEADER_SUFFIXES = frozenset({".h", ".hpp", ".cuh", ".inl"})
 _CPU_CFLAGS = ("-O3", "-std=c++17", "-fopenmp")
 _CPU_LDFLAGS = ("-fopenmp",)
 _CUDA_HOST_CFLAGS = ("-O3", "-std=c++17")
+# The convolution's GEMMs call cuBLAS directly (the library torch itself loads).
+_CUDA_LDFLAGS = ("-lcublas",)
 # torch.utils.cpp_extension defines __CUDA_NO_HALF_OPERATORS__ and friends for nvcc; the
 # kernels are torch-free, so they are compiled as plain nvcc compiles them (and as CI
 # checks them). No --use_fast_math: it trades accuracy away.
@@ -688,7 +690,7 @@ def _recipe(device_type: str, arch_list: Sequence[str] | None) -> _Recipe:
         if torch.version.cuda is None:
             raise BuildError(f"this torch build ({torch.__version__}) has no CUDA support")
         archs, detected = _cuda_archs(arch_list)
-        cflags, cuda_cflags, ldflags = _CUDA_HOST_CFLAGS, _NVCC_FLAGS, ()
+        cflags, cuda_cflags, ldflags = _CUDA_HOST_CFLAGS, _NVCC_FLAGS, _CUDA_LDFLAGS
         cuda_cflags = (*cuda_cflags, *_gencode_flags(archs))
     files = dict.fromkeys((*sources, *_headers(root)))
     base = _digest(

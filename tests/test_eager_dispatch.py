@@ -4,7 +4,8 @@ gradients, bit for bit, on every device; and which path each kind of call takes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -79,6 +80,16 @@ def _run(name: str, device: str, dtype: torch.dtype) -> tuple[torch.Tensor, list
     return out, list(grads), out.grad_fn.name()
 
 
+@contextlib.contextmanager
+def _deterministic(enabled: bool) -> Iterator[None]:
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(enabled or previous)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
 @pytest.fixture
 def native() -> Any:
     deformops.set_backend("native")
@@ -92,16 +103,24 @@ def native() -> Any:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_eager_path_equals_custom_op(native: None, name: str, device: str, dtype) -> None:
-    out, grads, node = _run(name, device, dtype)
+    # The CUDA backward's sums run in a fixed order only in deterministic mode, which
+    # the RoI pooling's CUDA backward (atomic adds) does not have: it is compared to
+    # rounding.
+    exact = device == "cpu" or not name.startswith("roi")
+    with _deterministic(device == "cuda" and exact):
+        out, grads, node = _run(name, device, dtype)
+        with _PassThroughFunctionMode():
+            ref_out, ref_grads, ref_node = _run(name, device, dtype)
     assert "CppNode" in node, node
-    with _PassThroughFunctionMode():
-        ref_out, ref_grads, ref_node = _run(name, device, dtype)
     assert "CppNode" not in ref_node, ref_node
     assert "deformops" in ref_node, ref_node
     assert torch.equal(out, ref_out)
     for g, ref in zip(grads, ref_grads, strict=True):
         assert g.dtype == ref.dtype
-        assert torch.equal(g, ref)
+        if exact:
+            assert torch.equal(g, ref)
+        else:
+            torch.testing.assert_close(g, ref)
 
 
 def test_modes_and_subclasses_take_the_custom_op(native: None) -> None:

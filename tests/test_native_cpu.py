@@ -172,7 +172,8 @@ def test_conv_channels_last(dtype: torch.dtype) -> None:
     "shape",
     [
         # With chunks of 2^20 column elements (kColumnsBudget in bindings.cpp):
-        # 18432 column elements a row: chunks of 56 rows, the second spans two images.
+        # 18432 column elements a row: at most 56 rows, so 3 chunks of 43 rows; the second
+        # spans two images.
         {"n": 2, "c_in": 32, "c_out": 5, "h": 64, "w": 64},
         # More column elements in one row than a chunk holds: chunks of one row.
         {"n": 1, "c_in": 120, "c_out": 3, "h": 2, "w": 1000},

@@ -158,6 +158,16 @@ struct CpuConvKernels {
   static at::Tensor to_layout(const at::Tensor& t, at::ScalarType dtype, at::MemoryFormat format) {
     return as_layout(t, dtype, format);
   }
+
+  // c = a x b + beta * c; on the CPU all three are of the compute type.
+  static void gemm(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, double beta) {
+    if (beta == 0.0) {
+      at::Tensor out = c;
+      at::mm_out(out, a, b);
+    } else {
+      c.addmm_(a, b);
+    }
+  }
 };
 
 at::Tensor deform_conv2d_forward(const at::Tensor& input, const at::Tensor& offset,

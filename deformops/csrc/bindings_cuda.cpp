@@ -21,12 +21,15 @@
 // deform_roi_pool_backward has no deterministic path (its input gradient is an
 // atomic scatter) and raises there, as torchvision's roi_align backward does.
 #include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
+#include <limits>
 #include <string>
 #include <tuple>
 
@@ -192,6 +195,110 @@ struct CudaElement<at::BFloat16> {
   using type = __nv_bfloat16;
 };
 
+// How cuBLAS (column-major) reads the row-major matrix `t`: 'n' with leading
+// dimension ld when its rows are dense (its memory is t^T column-major), 't'
+// when its columns are (a transposed view); `t` itself, or a dense copy of it
+// when neither is.
+struct BlasOperand {
+  at::Tensor matrix;
+  char op;
+  int64_t ld;
+};
+
+BlasOperand blas_operand(const at::Tensor& t) {
+  const int64_t rows = t.size(0);
+  const int64_t cols = t.size(1);
+  if (t.stride(1) == 1 || cols == 1) {
+    const int64_t ld = rows == 1 ? std::max<int64_t>(cols, 1) : t.stride(0);
+    if (ld >= std::max<int64_t>(cols, 1)) {
+      return {t, 'n', ld};
+    }
+  }
+  if (t.stride(0) == 1 || rows == 1) {
+    const int64_t ld = cols == 1 ? std::max<int64_t>(rows, 1) : t.stride(1);
+    if (ld >= std::max<int64_t>(rows, 1)) {
+      return {t, 't', ld};
+    }
+  }
+  return {t.contiguous(), 'n', std::max<int64_t>(cols, 1)};
+}
+
+// The cuBLAS element type of a tensor of `dtype`.
+cudaDataType_t blas_type(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kHalf:
+      return CUDA_R_16F;
+    case at::kBFloat16:
+      return CUDA_R_16BF;
+    case at::kFloat:
+      return CUDA_R_32F;
+    case at::kDouble:
+      return CUDA_R_64F;
+    default:
+      TORCH_CHECK(false, "deformops: no GEMM for ", dtype);
+  }
+}
+
+void check_blas(cublasStatus_t status) {
+  TORCH_CHECK(status == CUBLAS_STATUS_SUCCESS, "deformops: a cuBLAS call of deform_conv2d failed: ",
+              cublasGetStatusString(status));
+}
+
+// c = a x b + beta * c (row-major matrices, c's rows dense; beta 0 or 1) with one
+// cublasGemmEx on ATen's handle (its workspace, the current stream): none of
+// aten::mm's dispatch, checks and output allocation, and a half-precision
+// product summed into a float32 c without a temporary. Products are summed in
+// float32 (float64 for float64), with no reduced-precision split-K reduction;
+// float32 uses TF32 tensor cores when torch.backends.cuda.matmul.allow_tf32 is
+// set. Row-major c = a b is column-major c^T = b^T a^T.
+void cuda_gemm(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, double beta) {
+  const int64_t m = c.size(0);
+  const int64_t n = c.size(1);
+  const int64_t k = a.size(1);
+  TORCH_INTERNAL_ASSERT(a.size(0) == m && b.size(0) == k && b.size(1) == n &&
+                        (c.stride(1) == 1 || n == 1) && a.scalar_type() == b.scalar_type());
+  if (m == 0 || n == 0) {
+    return;
+  }
+  if (k == 0) {
+    if (beta == 0.0) {
+      c.zero_();
+    }
+    return;
+  }
+  TORCH_CHECK(std::max({m, n, k}) <= std::numeric_limits<int>::max(),
+              "deformops: a GEMM of deform_conv2d has a side past 2^31");
+  const BlasOperand x = blas_operand(a);
+  const BlasOperand y = blas_operand(b);
+  const int64_t ldc = m == 1 ? std::max<int64_t>(n, 1) : c.stride(0);
+  const at::ScalarType dtype = a.scalar_type();
+  const bool is_double = dtype == at::kDouble;
+  const bool tf32 = dtype == at::kFloat && at::globalContext().allowTF32CuBLAS();
+  const cublasComputeType_t compute =
+      is_double ? CUBLAS_COMPUTE_64F : (tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F);
+  const cublasMath_t math = dtype == at::kHalf || dtype == at::kBFloat16
+                                ? CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION
+                                : (tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH);
+  const double one_double = 1.0;
+  const float one_float = 1.0f;
+  const float beta_float = static_cast<float>(beta);
+  const void* alpha_ptr = is_double ? static_cast<const void*>(&one_double) : &one_float;
+  const void* beta_ptr = is_double ? static_cast<const void*>(&beta) : &beta_float;
+  const auto op = [](char o) { return o == 'n' ? CUBLAS_OP_N : CUBLAS_OP_T; };
+  cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
+  cublasMath_t previous;
+  check_blas(cublasGetMathMode(handle, &previous));
+  check_blas(cublasSetMathMode(handle, math));
+  const cublasStatus_t status = cublasGemmEx(
+      handle, op(y.op), op(x.op), static_cast<int>(n), static_cast<int>(m), static_cast<int>(k),
+      alpha_ptr, y.matrix.const_data_ptr(), blas_type(dtype), static_cast<int>(y.ld),
+      x.matrix.const_data_ptr(), blas_type(dtype), static_cast<int>(x.ld), beta_ptr,
+      c.mutable_data_ptr(), blas_type(c.scalar_type()), static_cast<int>(ldc), compute,
+      CUBLAS_GEMM_DEFAULT);
+  check_blas(cublasSetMathMode(handle, previous));
+  check_blas(status);
+}
+
 // The elements of `t` (of ATen type V) as E, or null when `t` is undefined.
 template <typename E, typename V>
 E* elements(const at::Tensor& t) {
@@ -199,9 +306,11 @@ E* elements(const at::Tensor& t) {
 }
 
 struct CudaConvKernels {
-  // Columns of one chunk: 64 MiB, so that the peak memory of forward+backward
-  // stays under torchvision's (which holds the columns of up to 32 images).
-  static constexpr int64_t kColumnsBudgetBytes = int64_t(64) << 20;
+  // Columns of one chunk: 80 MiB, so that the peak memory of forward+backward
+  // stays under torchvision's (which holds the columns of up to 32 images): on
+  // r50_dcn in half precision, 2 forward chunks and 4 backward chunks (of two
+  // buffers each), each chunk costing about 8 launches of host time.
+  static constexpr int64_t kColumnsBudgetBytes = int64_t(80) << 20;
 
   // The kernels read and write the tensors' own element type.
   template <typename V>
@@ -244,6 +353,10 @@ struct CudaConvKernels {
             plane<E, V>(grad_mask), workspace.get(), bytes, deterministic,
             c10::cuda::getCurrentCUDAStream().stream()),
         "deform_conv2d_backward");
+  }
+
+  static void gemm(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, double beta) {
+    cuda_gemm(c, a, b, beta);
   }
 
   // `t` in `dtype` and `format`. A conversion between contiguous and

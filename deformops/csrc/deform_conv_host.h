@@ -12,6 +12,7 @@
 //                                            grad_columns, columns, grad_input,
 //                                            grad_offset, grad_mask);
 //   static at::Tensor to_layout(t, dtype, memory_format);  // t in that dtype and format
+//   static void gemm(c, a, b, beta);  // c = a x b + beta * c (beta 0 or 1), see below
 // with the tensors of the kernels (cpu/kernels.h, cuda/deform_conv.h): input (channels-last),
 // offset, mask, columns [P, K*C], grad_offset and grad_mask in compute_type<V>()
 // (V itself on CUDA; float for the half types on the CPU), grad_input
@@ -20,6 +21,11 @@
 // gradients, through their strides (any layout: a channels-last model's offsets,
 // a channel slice of the offset predictor's output), so none is copied for
 // its layout; their gradients come back dense in the offset's and mask's layout.
+//
+// gemm's matrices are 2-d views: c with unit column stride, a and b with a unit
+// stride in either dimension (a transposed view is not copied); c is of a's type,
+// or float32 where a and b are of a half type (the weight gradient's sum: the
+// products are summed in float32 by the GEMM itself).
 //
 // Output and output gradient are handled as channels-last pixel rows
 // [N * H_out * W_out, C_out], so that each chunk takes one GEMM per group (a
@@ -31,7 +37,6 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <torch/version.h>
 
 #include <algorithm>
 #include <optional>
@@ -109,12 +114,14 @@ inline ConvSizes conv_sizes(const at::Tensor& input, const at::Tensor& offset, c
                offset.size(1) / (2 * kernel_points)};
 }
 
-// Output rows (n, h_out) in chunks whose columns hold at most `budget` elements
-// (at least one row each).
+// Output rows (n, h_out) in the fewest chunks whose columns hold at most
+// `budget` elements (at least one row each), of equal sizes (but the last).
 inline std::vector<ConvChunk> conv_chunks(const ConvSizes& s, int64_t budget) {
   const int64_t rows = s.batch * s.out_height;
   const int64_t per_row = s.out_width * s.kernel_h * s.kernel_w * s.channels;
-  const int64_t step = std::max<int64_t>(1, budget / std::max<int64_t>(1, per_row));
+  const int64_t most = std::max<int64_t>(1, budget / std::max<int64_t>(1, per_row));
+  const int64_t count = (rows + most - 1) / most;
+  const int64_t step = count == 0 ? 1 : (rows + count - 1) / count;
   std::vector<ConvChunk> chunks;
   for (int64_t r = 0; r < rows && s.out_width > 0; r += step) {
     chunks.push_back(ConvChunk{r, std::min(rows, r + step)});
@@ -157,20 +164,6 @@ inline at::Tensor group_slice(const at::Tensor& t, int64_t dim, int64_t groups, 
   return t.narrow(dim, g * size, size);
 }
 
-// acc += a x b, with a and b possibly of a narrower type than acc (half types
-// into float32: the product is formed in float32 by the GEMM itself).
-inline void add_product(const at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) {
-  if (a.scalar_type() == acc.scalar_type()) {
-    acc.addmm_(a, b);
-    return;
-  }
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
-  acc.add_(at::mm(a, b, acc.scalar_type()));
-#else
-  acc.add_(at::mm(a, b));  // before torch 2.8: the product is rounded to a's type
-#endif
-}
-
 template <typename Kernels>
 at::Tensor forward(const at::Tensor& input, const at::Tensor& offset, const at::Tensor& weight,
                    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias,
@@ -207,19 +200,17 @@ at::Tensor forward(const at::Tensor& input, const at::Tensor& offset, const at::
     const at::Tensor b = has_bias ? bias->to(compute) : at::Tensor();
     const at::Tensor buffer = at::empty({chunk_pixels(s, chunks.front()), w.size(1) * s.groups},
                                         in.options().dtype(compute));
+    if (b.defined()) {
+      rows.copy_(b);  // every row starts as the bias; the products are added to it
+    }
+    const double beta = b.defined() ? 1.0 : 0.0;
     for (const ConvChunk& chunk : chunks) {
       const at::Tensor columns = buffer.narrow(0, 0, chunk_pixels(s, chunk));
       Kernels::template im2col<V>(s, chunk, in, off, msk, columns);
       const at::Tensor out = chunk_rows(s, chunk, rows);
       for (int64_t g = 0; g < s.groups; ++g) {
-        at::Tensor out_g = group_slice(out, 1, s.groups, g);
-        const at::Tensor columns_g = group_slice(columns, 1, s.groups, g);
-        const at::Tensor w_g = group_slice(w, 0, s.groups, g).t();
-        if (b.defined()) {
-          at::addmm_out(out_g, group_slice(b, 0, s.groups, g), columns_g, w_g);
-        } else {
-          at::mm_out(out_g, columns_g, w_g);
-        }
+        Kernels::gemm(group_slice(out, 1, s.groups, g), group_slice(columns, 1, s.groups, g),
+                      group_slice(w, 0, s.groups, g).t(), beta);
       }
     }
   });
@@ -250,16 +241,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor in = Kernels::to_layout(input, compute, at::MemoryFormat::ChannelsLast);
     const at::Tensor off = in_dtype(offset, compute);
     const at::Tensor msk = in_dtype_or_undefined(mask, compute);
-    const at::Tensor grad_off = at::zeros_like(off);
-    const at::Tensor grad_msk = msk.defined() ? at::zeros_like(msk) : at::Tensor();
-    const at::TensorOptions acc = in.options().dtype(c10::CppTypeToScalarType<acc_t<V>>::value);
-    // Channels-last [N, H, W, C]; [C_out, K * C/groups] like the weight matrix.
-    const at::Tensor grad_in = at::zeros({s.batch, s.height, s.width, s.channels}, acc);
-    const at::Tensor grad_w = at::zeros({c_out, weight.size(1) * s.kernel_h * s.kernel_w}, acc);
     // Two buffers (columns and their gradient) share the budget.
     const std::vector<ConvChunk> chunks = conv_chunks(
         s, Kernels::kColumnsBudgetBytes / (2 * c10::elementSize(compute)));
-    if (!chunks.empty() && c_out > 0) {
+    const bool sampled = !chunks.empty() && c_out > 0;
+    // col2im writes every offset and mask gradient, and the first chunk's GEMM
+    // the whole weight gradient: zeros only where no chunk runs.
+    const auto written = [sampled](const at::Tensor& t) {
+      return sampled ? at::empty_like(t) : at::zeros_like(t);
+    };
+    const at::Tensor grad_off = written(off);
+    const at::Tensor grad_msk = msk.defined() ? written(msk) : at::Tensor();
+    const at::TensorOptions acc = in.options().dtype(c10::CppTypeToScalarType<acc_t<V>>::value);
+    // Channels-last [N, H, W, C] (summed into chunk by chunk); [C_out, K * C/groups]
+    // like the weight matrix.
+    const at::Tensor grad_in = at::zeros({s.batch, s.height, s.width, s.channels}, acc);
+    const std::vector<int64_t> w_sizes{c_out, weight.size(1) * s.kernel_h * s.kernel_w};
+    const at::Tensor grad_w = sampled ? at::empty(w_sizes, acc) : at::zeros(w_sizes, acc);
+    if (sampled) {
       const at::Tensor w = weight_matrix(weight, compute);
       const at::Tensor grad_rows = pixel_rows<Kernels>(grad_output, compute);
       const at::Tensor buffers = at::empty(
@@ -270,16 +269,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
         const at::Tensor grad_columns = buffers[1].narrow(0, 0, chunk_pixels(s, chunk));
         const at::Tensor grad_out = chunk_rows(s, chunk, grad_rows);
         for (int64_t g = 0; g < s.groups; ++g) {
-          at::Tensor grad_columns_g = group_slice(grad_columns, 1, s.groups, g);
-          at::mm_out(grad_columns_g, group_slice(grad_out, 1, s.groups, g),
-                     group_slice(w, 0, s.groups, g));
+          Kernels::gemm(group_slice(grad_columns, 1, s.groups, g),
+                        group_slice(grad_out, 1, s.groups, g), group_slice(w, 0, s.groups, g),
+                        0.0);
         }
         Kernels::template col2im<V>(s, chunk, in, off, msk, grad_columns, columns, grad_in,
                                     grad_off, grad_msk);
+        const double beta = &chunk == &chunks.front() ? 0.0 : 1.0;
         for (int64_t g = 0; g < s.groups; ++g) {
-          add_product(group_slice(grad_w, 0, s.groups, g),
-                      group_slice(grad_out, 1, s.groups, g).t(),
-                      group_slice(columns, 1, s.groups, g));
+          Kernels::gemm(group_slice(grad_w, 0, s.groups, g),
+                        group_slice(grad_out, 1, s.groups, g).t(),
+                        group_slice(columns, 1, s.groups, g), beta);
         }
       }
     }
