@@ -44,13 +44,14 @@ def _strict_float32_unpatched() -> Iterator[None]:
 def conv_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts the calls of the deformops operator (one entry per call)."""
     calls: list[int] = []
-    operator = deformops.ops.deform_conv2d
+    run = deformops.ops.call
 
-    def counted(*args: Any) -> Tensor:
-        calls.append(1)
-        return operator(*args)
+    def counted(op: str, *args: Any) -> Tensor:
+        if op == "deform_conv2d":
+            calls.append(1)
+        return run(op, *args)
 
-    monkeypatch.setattr(deformops.ops, "deform_conv2d", counted)
+    monkeypatch.setattr(deformops.ops, "call", counted)
     return calls
 
 
