@@ -22,6 +22,7 @@
 // atomic scatter) and raises there, as torchvision's roi_align backward does.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/EmptyTensor.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -67,6 +68,14 @@ gpu::Dtype launcher_dtype(const at::Tensor& t, const char* what) {
 // kernels write scratch before they read it.
 c10::DataPtr scratch(size_t bytes) {
   return c10::cuda::CUDACachingAllocator::get()->allocate(bytes);
+}
+
+// An uninitialised contiguous tensor for a kernel that writes every element of
+// it. Unlike at::empty, not filled with NaN under
+// torch.use_deterministic_algorithms(True) (fill_uninitialized_memory), a pass
+// over memory that the kernel overwrites anyway.
+at::Tensor uninitialized(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return at::Tensor(at::detail::empty_cuda(sizes, options));
 }
 
 void check_launch(cudaError_t status, const char* what) {
@@ -126,7 +135,8 @@ at::Tensor msda_forward_cuda(const at::Tensor& value, const at::Tensor& spatial_
   const MsdaTensors t = msda_tensors(value, spatial_shapes, level_start_index, sampling_locations,
                                      attention_weights);
   const MsdaSizes& s = t.inputs.sizes;
-  at::Tensor output = at::empty({s.batch, s.queries, s.heads * s.channels}, value.options());
+  at::Tensor output =
+      uninitialized({s.batch, s.queries, s.heads * s.channels}, value.options());
   check_launch(gpu::msda_forward(t.inputs, output.mutable_data_ptr(),
                                  c10::cuda::getCurrentCUDAStream().stream()),
                "msda_forward");
@@ -148,9 +158,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> msda_backward_cuda(
   check_dtype(grad_output, value.scalar_type(), "grad_output");
   check_same_device(grad_output, value, "grad_output");
   const at::Tensor grad_out = grad_output.contiguous();
-  at::Tensor grad_value = at::empty_like(t.value);
-  at::Tensor grad_locations = at::empty_like(t.sampling_locations);
-  at::Tensor grad_weights = at::empty_like(t.attention_weights);
+  // Every element is written: the value gradient by the gather, or zeroed before
+  // the scatter; the others by the backward kernel.
+  at::Tensor grad_value = uninitialized(t.value.sizes(), t.value.options());
+  at::Tensor grad_locations =
+      uninitialized(t.sampling_locations.sizes(), t.sampling_locations.options());
+  at::Tensor grad_weights =
+      uninitialized(t.attention_weights.sizes(), t.attention_weights.options());
   const bool deterministic = at::globalContext().deterministicAlgorithms();
   const bool half = value.scalar_type() == at::kHalf || value.scalar_type() == at::kBFloat16;
   at::Tensor workspace;

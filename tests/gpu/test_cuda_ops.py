@@ -51,9 +51,14 @@ def test_native_cuda_kernels_are_used(op):
 @pytest.mark.parametrize("case", MSDA_CASES, ids=lambda c: f"D{c[3]}-L{len(c[0])}-P{c[4]}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("float32_locations", [False, True], ids=["loc-same", "loc-fp32"])
-def test_msda_matches_float64(case, dtype, float32_locations):
+@pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])
+def test_msda_matches_float64(case, dtype, float32_locations, deterministic, request):
+    """Both backward paths; the deterministic gather's two layouts (cases under two
+    samples per position and head on average take the sparse one) among the cases."""
     if float32_locations and dtype in (torch.float32, torch.float64):
         pytest.skip("float32 locations differ from the value's dtype only for half values")
+    if deterministic:
+        request.getfixturevalue("deterministic")
     value, shapes, starts, loc, weights = msda_inputs(
         case, "cuda", dtype, torch.float32 if float32_locations else None
     )

@@ -767,24 +767,40 @@ __global__ void __launch_bounds__(kBlock)
   }
 }
 
-// Samples of one cell whose loads the gather keeps in flight together.
+// Samples of one cell whose loads a lane of the gather keeps in flight together:
+// kGatherBatch of one vector each (the encoders' layout), or kSparseBatch of
+// sparse_span<VEC>() vectors each (the decoders': under kSparseSamples samples
+// per position and head on average, so that a team's work is mostly finding its
+// cells, which fewer lanes per team repeat less often).
 constexpr int kGatherBatch = 8;
+constexpr int kSparseBatch = 1;
+constexpr int64_t kSparseSamples = 2;
+
+// Vectors of VEC channels per lane in the sparse layout: 16 channels, two lanes
+// per team at the common head dim 32.
+template <int VEC>
+constexpr int sparse_span() {
+  return VEC >= 16 ? 1 : 16 / VEC;
+}
 
 // Resident blocks per SM the gather is compiled for: 3 (80 registers) when a
 // lane's sums of VEC channels take 16 bytes or less for float32 values (8 for
-// the half types, which also hold their loads packed), 2 (128) otherwise, so
-// that nothing spills (scripts/check_cuda_compile.py).
+// the half types, which also hold their loads packed), 2 (128) otherwise and in
+// the sparse layout, so that nothing spills (scripts/check_cuda_compile.py).
 template <typename T>
-constexpr int gather_blocks(int vec) {
-  return sizeof(T) < 8 && vec * sizeof(acc_type<T>) <= (sizeof(T) == 4 ? 16 : 8) ? 3 : 2;
+constexpr int gather_blocks(int vec, int span) {
+  return sizeof(T) < 8 &&
+                 (span > 1 ? vec > 1 : vec * sizeof(acc_type<T>) <= (sizeof(T) == 4 ? 16 : 8))
+             ? 3
+             : 2;
 }
 
-// One team of 2^log_c lanes per (n, position, m) of the chunk, each lane VEC
-// channels at a time: the element's value gradient, the sum over the levels
-// holding the position, the four cells that have it as corner q (in order of
-// q) and their samples (in sample order) of weight q * grad_output.
-template <typename T, int VEC>
-__global__ void __launch_bounds__(kBlock, gather_blocks<T>(VEC))
+// One team of 2^log_c lanes per (n, position, m) of the chunk, each lane SPAN
+// vectors of VEC channels at a time: the element's value gradient, the sum over
+// the levels holding the position, the four cells that have it as corner q (in
+// order of q) and their samples (in sample order) of weight q * grad_output.
+template <typename T, int VEC, int SPAN, int BATCH>
+__global__ void __launch_bounds__(kBlock, gather_blocks<T>(VEC, SPAN))
     gather_kernel(const Args<T> a, const Filing<acc_type<T>> f, const T* __restrict__ grad_output,
                   T* __restrict__ grad_value, int log_c) {
   using A = acc_type<T>;
@@ -802,9 +818,8 @@ __global__ void __launch_bounds__(kBlock, gather_blocks<T>(VEC))
     const int64_t pos = element % s.spatial;
     const int64_t pair = (element / s.spatial * s.heads + m) * f.cells;
     T* out = grad_value + ((f.n_begin * s.spatial + element) * s.heads + m) * s.channels;
-    for (int64_t v = lane; v < vectors; v += lanes) {
-      const int64_t d = v * VEC;
-      A sum[VEC] = {};
+    for (int64_t v0 = lane * SPAN; v0 < vectors; v0 += lanes * SPAN) {
+      A sum[SPAN][VEC] = {};
       int64_t begin = 0;  // the level's first cell
       for (int64_t l = 0; l < s.levels; ++l) {
         const int64_t h = __ldg(a.spatial_shapes + 2 * l);
@@ -829,54 +844,76 @@ __global__ void __launch_bounds__(kBlock, gather_blocks<T>(VEC))
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
           const int32_t end = last[q];
-          for (int32_t i0 = first[q]; i0 < end; i0 += kGatherBatch) {
-            int32_t rows[kGatherBatch];
-            A weight[kGatherBatch];
+          for (int32_t i0 = first[q]; i0 < end; i0 += BATCH) {
+            int32_t rows[BATCH];
+            A weight[BATCH];
 #pragma unroll
-            for (int b = 0; b < kGatherBatch; ++b) {
+            for (int b = 0; b < BATCH; ++b) {
               const bool in = i0 + b < end;
               rows[b] = in ? f.sorted_rows[i0 + b] : 0;
               weight[b] = in ? f.sorted_weights[4 * int64_t{i0 + b} + q] : A(0);
             }
-            A g[kGatherBatch][VEC];
+            A g[BATCH][SPAN][VEC];
 #pragma unroll
-            for (int b = 0; b < kGatherBatch; ++b) {
+            for (int b = 0; b < BATCH; ++b) {
+              const T* row = grad_output + (first_row + rows[b]) * s.channels;
 #pragma unroll
-              for (int e = 0; e < VEC; ++e) {
-                g[b][e] = A(0);
-              }
-              if (weight[b] != A(0)) {
-                load_vec<VEC>(grad_output + (first_row + rows[b]) * s.channels + d, g[b]);
+              for (int j = 0; j < SPAN; ++j) {
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) {
+                  g[b][j][e] = A(0);
+                }
+                if (weight[b] != A(0) && v0 + j < vectors) {
+                  load_vec<VEC>(row + (v0 + j) * VEC, g[b][j]);
+                }
               }
             }
 #pragma unroll
-            for (int b = 0; b < kGatherBatch; ++b) {
+            for (int b = 0; b < BATCH; ++b) {
               if (weight[b] != A(0)) {
 #pragma unroll
-                for (int e = 0; e < VEC; ++e) {
-                  sum[e] += weight[b] * g[b][e];
+                for (int j = 0; j < SPAN; ++j) {
+#pragma unroll
+                  for (int e = 0; e < VEC; ++e) {
+                    sum[j][e] += weight[b] * g[b][j][e];
+                  }
                 }
               }
             }
           }
         }
       }
-      store_vec_streaming<VEC>(out + d, sum);
+#pragma unroll
+      for (int j = 0; j < SPAN; ++j) {
+        if (v0 + j < vectors) {
+          store_vec_streaming<VEC>(out + (v0 + j) * VEC, sum[j]);
+        }
+      }
     }
   }
 }
 
-// Launches gather_kernel with vectors of `vec` channels (common.cuh's vector_width).
+// Launches gather_kernel with vectors of `vec` channels (common.cuh's vector_width),
+// in the sparse layout when the chunk has under kSparseSamples samples per
+// position and head on average.
 template <typename T>
 cudaError_t launch_gather(int vec, const Args<T>& a, const Filing<acc_type<T>>& f,
                           const T* grad_output, T* grad_value, cudaStream_t stream) {
+  const bool sparse = f.samples < kSparseSamples * f.images * a.s.spatial * a.s.heads;
   const auto launch = [&](auto width) {
     constexpr int VEC = decltype(width)::value;
+    constexpr int SPAN = sparse_span<VEC>();
     const int64_t vectors = a.s.channels / VEC;
-    const int log_c = ceil_log2(vectors < 32 ? vectors : 32);
+    const int64_t per_lane = sparse ? (vectors + SPAN - 1) / SPAN : vectors;
+    const int log_c = ceil_log2(per_lane < 32 ? per_lane : 32);
     const int64_t threads = (f.images * a.s.spatial * a.s.heads) << log_c;
-    gather_kernel<T, VEC><<<grid_for(threads), kBlock, 0, stream>>>(a, f, grad_output,
-                                                                     grad_value, log_c);
+    if (sparse) {
+      gather_kernel<T, VEC, SPAN, kSparseBatch>
+          <<<grid_for(threads), kBlock, 0, stream>>>(a, f, grad_output, grad_value, log_c);
+    } else {
+      gather_kernel<T, VEC, 1, kGatherBatch>
+          <<<grid_for(threads), kBlock, 0, stream>>>(a, f, grad_output, grad_value, log_c);
+    }
     return cudaGetLastError();
   };
   return with_vector_width<sizeof(T)>(vec, launch);
