@@ -86,7 +86,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> msda_backward(
     const at::Tensor v = as_layout(value, dtype);
     const at::Tensor loc = as_layout(sampling_locations, dtype);
     const at::Tensor attn = as_layout(attention_weights, dtype);
-    const at::Tensor grad_value = at::zeros_like(v);
+    // cpu::msda_backward zeroes the value gradient itself, pair by pair.
+    const at::Tensor grad_value = s.spatial > 0 ? at::empty_like(v) : at::zeros_like(v);
     const at::Tensor grad_loc = at::zeros_like(loc);
     const at::Tensor grad_attn = at::zeros_like(attn);
     if (s.spatial > 0) {  // else no pixel was sampled

@@ -2,9 +2,9 @@
 //
 // The forward is parallel over (n, q) queries, each writing its own output row.
 // The backward is parallel over (n, m) pairs: the value gradient of pair (n, m)
-// is the slice grad_value[n, :, m, :], written by that pair only, so the
-// scatter-adds are plain adds with no lost update, and every sum runs in a fixed
-// order whatever the number of threads.
+// is the slice grad_value[n, :, m, :], written (zeroed, then summed into) by that
+// pair only, so the scatter-adds are plain adds with no lost update, and every
+// sum runs in a fixed order whatever the number of threads.
 #include <algorithm>
 
 #include "../sampling.h"
@@ -129,6 +129,11 @@ void msda_backward(const MsdaSizes& s, const T* grad_output, const T* value,
       const int64_t m = nm % s.heads;
       const T* value_m = value + n * s.spatial * row + m * depth;
       T* grad_value_m = grad_value + n * s.spatial * row + m * depth;
+      // The pair's slice is zeroed here, not by the caller: it then sits in this
+      // core's cache when the scatter-adds below update it.
+      for (int64_t pos = 0; pos < s.spatial; ++pos) {
+        std::fill_n(grad_value_m + pos * row, depth, T(0));
+      }
       for (int64_t q = 0; q < s.queries; ++q) {
         const int64_t nqm = (n * s.queries + q) * s.heads + m;
         const T* grad = grad_output + nqm * depth;
