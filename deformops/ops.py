@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor
@@ -199,9 +199,8 @@ def call(op: str, *args: object) -> Tensor:
     Tensor
         The operator's output, differentiable in its floating tensors.
     """
-    first = args[0]
-    assert isinstance(first, Tensor)
-    if _plain_eager(args) and _use_native(op, first.device.type):
+    device_type = cast(Tensor, args[0]).device.type
+    if _plain_eager(args) and _use_native(op, device_type):
         return getattr(_native(), _NATIVE_OPS[op])(*args)
     return _CUSTOM_OPS[op](*args)
 
