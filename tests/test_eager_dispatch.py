@@ -164,3 +164,27 @@ def test_eager_path_under_no_grad_and_inference_mode(native: None) -> None:
         assert torch.equal(fn(**args), expected)
     with torch.inference_mode():
         assert torch.equal(fn(**args), expected)
+
+
+@pytest.mark.parametrize("name", ["conv", "msda"])
+def test_eager_path_under_activation_checkpointing(native: None, name: str) -> None:
+    """torch.utils.checkpoint (non-reentrant: saved-tensor hooks, recomputation) gives the
+    gradients of the plain call, bit for bit."""
+    fn, floats, make = CASES[name]
+    args = make()
+    grad_output = None
+    results = []
+    for checkpointed in (False, True):
+        call = {
+            k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in args.items()
+        }
+        leaves = [call[k].requires_grad_() for k in floats]
+        if checkpointed:
+            out = torch.utils.checkpoint.checkpoint(lambda c=call: fn(**c), use_reentrant=False)
+        else:
+            out = fn(**call)
+        assert "CppNode" in out.grad_fn.name()
+        grad_output = torch.randn_like(out) if grad_output is None else grad_output
+        results.append(torch.autograd.grad(out, leaves, grad_output))
+    for plain, checkpointed in zip(*results, strict=True):
+        assert torch.equal(plain, checkpointed)

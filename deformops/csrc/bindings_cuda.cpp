@@ -211,10 +211,9 @@ struct CudaElement<at::BFloat16> {
 
 // How cuBLAS (column-major) reads the row-major matrix `t`: 'n' with leading
 // dimension ld when its rows are dense (its memory is t^T column-major), 't'
-// when its columns are (a transposed view); `t` itself, or a dense copy of it
-// when neither is.
+// when its columns are (a transposed view). The host side passes only such
+// views (slices of dense matrices and their transposes).
 struct BlasOperand {
-  at::Tensor matrix;
   char op;
   int64_t ld;
 };
@@ -225,16 +224,17 @@ BlasOperand blas_operand(const at::Tensor& t) {
   if (t.stride(1) == 1 || cols == 1) {
     const int64_t ld = rows == 1 ? std::max<int64_t>(cols, 1) : t.stride(0);
     if (ld >= std::max<int64_t>(cols, 1)) {
-      return {t, 'n', ld};
+      return {'n', ld};
     }
   }
   if (t.stride(0) == 1 || rows == 1) {
     const int64_t ld = cols == 1 ? std::max<int64_t>(rows, 1) : t.stride(1);
     if (ld >= std::max<int64_t>(rows, 1)) {
-      return {t, 't', ld};
+      return {'t', ld};
     }
   }
-  return {t.contiguous(), 'n', std::max<int64_t>(cols, 1)};
+  TORCH_INTERNAL_ASSERT(false, "deformops: a GEMM operand of strides ", t.strides(),
+                        " is neither row- nor column-major");
 }
 
 // The cuBLAS element type of a tensor of `dtype`.
@@ -305,8 +305,8 @@ void cuda_gemm(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, do
   check_blas(cublasSetMathMode(handle, math));
   const cublasStatus_t status = cublasGemmEx(
       handle, op(y.op), op(x.op), static_cast<int>(n), static_cast<int>(m), static_cast<int>(k),
-      alpha_ptr, y.matrix.const_data_ptr(), blas_type(dtype), static_cast<int>(y.ld),
-      x.matrix.const_data_ptr(), blas_type(dtype), static_cast<int>(x.ld), beta_ptr,
+      alpha_ptr, b.const_data_ptr(), blas_type(dtype), static_cast<int>(y.ld),
+      a.const_data_ptr(), blas_type(dtype), static_cast<int>(x.ld), beta_ptr,
       c.mutable_data_ptr(), blas_type(c.scalar_type()), static_cast<int>(ldc), compute,
       CUBLAS_GEMM_DEFAULT);
   check_blas(cublasSetMathMode(handle, previous));
