@@ -574,6 +574,11 @@ def test_conv_empty_batch(backend: str) -> None:
     _assert_empty_ok(deformops.deform_conv2d, args, CONV_FLOATS, (0, 6, 5, 7))
 
 
+def test_conv_zero_output_channels(backend: str) -> None:
+    args = make_conv_inputs(n=2, c_in=4, c_out=0, h=5, w=7)
+    _assert_empty_ok(deformops.deform_conv2d, args, CONV_FLOATS, (2, 0, 5, 7))
+
+
 def test_msda_empty_batch(backend: str) -> None:
     args = make_msda_inputs(n=0, m=2, d=4)
     _assert_empty_ok(deformops.multi_scale_deformable_attention, args, MSDA_FLOATS, (0, 5, 8))

@@ -269,17 +269,10 @@ void cuda_gemm(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, do
   const int64_t m = c.size(0);
   const int64_t n = c.size(1);
   const int64_t k = a.size(1);
-  TORCH_INTERNAL_ASSERT(a.size(0) == m && b.size(0) == k && b.size(1) == n &&
-                        (c.stride(1) == 1 || n == 1) && a.scalar_type() == b.scalar_type());
-  if (m == 0 || n == 0) {
-    return;
-  }
-  if (k == 0) {
-    if (beta == 0.0) {
-      c.zero_();
-    }
-    return;
-  }
+  // The host side calls it for non-empty chunks and groups only.
+  TORCH_INTERNAL_ASSERT(m > 0 && n > 0 && k > 0 && a.size(0) == m && b.size(0) == k &&
+                        b.size(1) == n && (c.stride(1) == 1 || n == 1) &&
+                        a.scalar_type() == b.scalar_type());
   TORCH_CHECK(std::max({m, n, k}) <= std::numeric_limits<int>::max(),
               "deformops: a GEMM of deform_conv2d has a side past 2^31");
   const BlasOperand x = blas_operand(a);

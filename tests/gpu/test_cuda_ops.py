@@ -224,3 +224,49 @@ def test_msda_float32_locates_like_float64():
         return naive.multi_scale_deformable_attention(**kw, **args)
 
     _float32_vs_float64(op, op64, tensors, {})
+
+
+EMPTY_CASES = {
+    "conv-no-images": (deformops.deform_conv2d, lambda: make_conv_inputs(n=0), (0, 6, 5, 7)),
+    "conv-no-output-channels": (
+        deformops.deform_conv2d,
+        lambda: make_conv_inputs(c_out=0),
+        (2, 0, 5, 7),
+    ),
+    "msda-no-images": (
+        deformops.multi_scale_deformable_attention,
+        lambda: make_msda_inputs(n=0, m=2, d=4),
+        (0, 5, 8),
+    ),
+    "msda-no-queries": (
+        deformops.multi_scale_deformable_attention,
+        lambda: make_msda_inputs(q=0, m=2, d=4),
+        (2, 0, 8),
+    ),
+}
+
+
+def _on_cuda(value):
+    """A tensor argument on CUDA, float32 and requiring grad when floating."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    value = value.cuda()
+    return value.float().requires_grad_() if value.is_floating_point() else value
+
+
+@pytest.mark.parametrize("name", sorted(EMPTY_CASES))
+@pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])
+def test_empty_problems(name, deterministic, request):
+    """No kernel of an empty problem runs on a bad size; the gradients are zeros."""
+    if deterministic:
+        request.getfixturevalue("deterministic")
+    fn, make, shape = EMPTY_CASES[name]
+    args = {k: _on_cuda(v) for k, v in make().items()}
+    out = fn(**args)
+    assert tuple(out.shape) == shape
+    leaves = [v for v in args.values() if isinstance(v, torch.Tensor) and v.requires_grad]
+    grads = torch.autograd.grad(out, leaves, torch.randn_like(out), allow_unused=True)
+    for leaf, grad in zip(leaves, grads, strict=True):
+        assert grad is not None
+        assert grad.shape == leaf.shape
+        assert not grad.any()
