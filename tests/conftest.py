@@ -202,11 +202,37 @@ def num_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool = True) -> Iterator[None]:
+    """``torch.use_deterministic_algorithms(True)`` inside the block when ``enabled`` (else
+    the setting as it is), restored afterwards."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    if enabled:
+        torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous, warn_only=warn_only)
+
+
 @pytest.fixture
 def deterministic() -> Iterator[None]:
     """``torch.use_deterministic_algorithms(True)`` for the test, restored afterwards."""
-    enabled = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+    with deterministic_algorithms():
+        yield
+
+
+def count_calls(monkeypatch: pytest.MonkeyPatch, op: str) -> list[int]:
+    """One entry per call of operator ``op`` through ``deformops.ops.call``, which both the
+    eager path and the custom operators go through."""
+    calls: list[int] = []
+    run = deformops.ops.call
+
+    def counted(name: str, *args: Any) -> torch.Tensor:
+        if name == op:
+            calls.append(1)
+        return run(name, *args)
+
+    monkeypatch.setattr(deformops.ops, "call", counted)
+    return calls

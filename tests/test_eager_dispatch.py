@@ -4,13 +4,12 @@ gradients, bit for bit, on every device; and which path each kind of call takes.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
-from conftest import make_conv_inputs, make_msda_inputs
+from conftest import deterministic_algorithms, make_conv_inputs, make_msda_inputs
 from test_deform_roi_pool import make_roi_inputs
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -80,16 +79,6 @@ def _run(name: str, device: str, dtype: torch.dtype) -> tuple[torch.Tensor, list
     return out, list(grads), out.grad_fn.name()
 
 
-@contextlib.contextmanager
-def _deterministic(enabled: bool) -> Iterator[None]:
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(enabled or previous)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous)
-
-
 @pytest.fixture
 def native() -> Any:
     deformops.set_backend("native")
@@ -107,7 +96,7 @@ def test_eager_path_equals_custom_op(native: None, name: str, device: str, dtype
     # the RoI pooling's CUDA backward (atomic adds) does not have: it is compared to
     # rounding.
     exact = device == "cpu" or not name.startswith("roi")
-    with _deterministic(device == "cuda" and exact):
+    with deterministic_algorithms(device == "cuda" and exact):
         out, grads, node = _run(name, device, dtype)
         with _PassThroughFunctionMode():
             ref_out, ref_grads, ref_node = _run(name, device, dtype)

@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 import torch
 import transformers_models as models
+from conftest import count_calls
 from torch import Tensor
 
-import deformops
 from deformops.integrations import transformers as hf_integration
 
 if os.environ.get("CI"):
@@ -42,16 +42,7 @@ def _unpatched() -> Iterator[None]:
 @pytest.fixture
 def msda_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts the calls of the deformops operator (one entry per call)."""
-    calls: list[int] = []
-    run = deformops.ops.call
-
-    def counted(op: str, *args: Any) -> Tensor:
-        if op == "multi_scale_deformable_attention":
-            calls.append(1)
-        return run(op, *args)
-
-    monkeypatch.setattr(deformops.ops, "call", counted)
-    return calls
+    return count_calls(monkeypatch, "multi_scale_deformable_attention")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import count_calls
 from torch import Tensor, nn
 
 import deformops
@@ -43,16 +44,7 @@ def _strict_float32_unpatched() -> Iterator[None]:
 @pytest.fixture
 def conv_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts the calls of the deformops operator (one entry per call)."""
-    calls: list[int] = []
-    run = deformops.ops.call
-
-    def counted(op: str, *args: Any) -> Tensor:
-        if op == "deform_conv2d":
-            calls.append(1)
-        return run(op, *args)
-
-    monkeypatch.setattr(deformops.ops, "call", counted)
-    return calls
+    return count_calls(monkeypatch, "deform_conv2d")
 
 
 class DeformNet(nn.Module):
