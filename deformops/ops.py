@@ -303,8 +303,9 @@ def _deform_conv2d_autograd(ctx, grad_output):
     gi, go, gw, gm = deform_conv2d_backward(grad_output, input, offset, weight, mask, *ctx.params)
     gb = None
     if ctx.has_bias:
-        gb = grad_output.sum((0, 2, 3), dtype=torch.promote_types(grad_output.dtype, torch.float32))
-        gb = gb.to(grad_output.dtype)
+        # Over the pixels, then the images: as the native autograd node does (csrc/autograd.cpp).
+        acc = torch.promote_types(grad_output.dtype, torch.float32)
+        gb = grad_output.sum((2, 3), dtype=acc).sum(0).to(grad_output.dtype)
     return (gi, go, gw, None if mask is None else gm, gb) + (None,) * len(ctx.params)
 
 

@@ -28,7 +28,10 @@
 # Exit status: 0 when every stage succeeded.
 #
 # Environment knobs: GPU_RUN_BUDGET (seconds for the whole run, default 540), PYTHON,
-# PEERDIR, BENCH_MSDA_IMPLS, BENCH_CONV_IMPLS and BENCH_ROI_IMPLS (--impl lists),
+# PEERDIR, PEER_CONV_PARTS (default 0; N > 0: the peer's Triton convolution is benchmarked
+# too, after N background processes, started with the peer's warm-up, have compiled one
+# part each of its autotuning configs into Triton's cache: OUTDIR/peer_conv_warm_*.log),
+# BENCH_MSDA_IMPLS, BENCH_CONV_IMPLS and BENCH_ROI_IMPLS (--impl lists),
 # BENCH_ARGS (more bench options, e.g. "--runs 50"; a dry run without GPU: "--device cpu
 # --scale 0.0625 --runs 3 --warmup 1").
 set -u -o pipefail
@@ -188,6 +191,16 @@ if [[ -f $PEERDIR/deformops/__init__.py ]]; then
         >"$OUT/peer_build.log" 2>&1 &
     PEER_PID=$!
 fi
+PEER_CONV_PARTS=${PEER_CONV_PARTS:-0}
+PEER_CONV_PIDS=()
+if ((PEER_CONV_PARTS > 0)) && [[ -f $PEERDIR/deformops/__init__.py ]]; then
+    echo "$PEER_CONV_PARTS processes compile the peer's Triton convolution configs: $OUT/peer_conv_warm_*.log"
+    for ((part = 0; part < PEER_CONV_PARTS; part++)); do
+        timeout 420 nice -n 10 "$PY" -I "$PEER_WORKER" --peer-path "$PEERDIR" \
+            --warm-conv "$part" "$PEER_CONV_PARTS" >"$OUT/peer_conv_warm_$part.log" 2>&1 &
+        PEER_CONV_PIDS+=($!)
+    done
+fi
 stage build 240 "$BENCH_RESERVE" build
 stage warm 60 "$BENCH_RESERVE" warm
 stage check 120 "$BENCH_RESERVE" check
@@ -206,13 +219,20 @@ if [[ -n $PEER_PID ]]; then
     echo "=== peer build (tail) ==="
     tail -n 12 "$OUT/peer_build.log"
 fi
+CONV_DEFAULT="deformops torchvision cudnn-dense"
+if ((${#PEER_CONV_PIDS[@]})); then
+    echo "waiting for the compiles of the peer's Triton convolution configs"
+    wait "${PEER_CONV_PIDS[@]}"
+    grep -h "conv .* s, " "$OUT"/peer_conv_warm_*.log | grep -v ", ok$" || echo "every part compiled"
+    CONV_DEFAULT="$CONV_DEFAULT peer-deformops-3.0.1-triton"
+fi
 MSDA_IMPLS=${BENCH_MSDA_IMPLS:-deformops pytorch-grid-sample peer-deformops-3.0.1-cuda peer-deformops-3.0.1-triton}
-CONV_IMPLS=${BENCH_CONV_IMPLS:-deformops torchvision cudnn-dense}
+CONV_IMPLS=${BENCH_CONV_IMPLS:-$CONV_DEFAULT}
 ROI_IMPLS=${BENCH_ROI_IMPLS:-deformops torchvision reference}
 # shellcheck disable=SC2086 # the impl lists are lists
 stage bench-msda 330 125 bench --op msda --name msda --impl $MSDA_IMPLS
 # shellcheck disable=SC2086
-stage bench-conv 200 45 bench --op conv --name conv --impl $CONV_IMPLS
+stage bench-conv 300 45 bench --op conv --name conv --impl $CONV_IMPLS
 # shellcheck disable=SC2086
 stage bench-roi 45 0 bench --op roi --name roi --impl $ROI_IMPLS
 

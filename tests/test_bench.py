@@ -16,6 +16,7 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -209,6 +210,31 @@ def test_peer_names_match_the_worker():
         peers_worker.PEER_CUDA,
         peers_worker.PEER_TRITON,
     )
+
+
+def test_conv_warm_parts_share_out_the_configs():
+    """Each part of the Triton convolution's warm-up keeps its share of every
+    autotuner's configs; the parts together keep each config once."""
+    sizes = {"_conv_forward_kernel": 24, "_conv_backward_kernel": 16}
+
+    def kernels() -> SimpleNamespace:
+        return SimpleNamespace(
+            **{name: SimpleNamespace(configs=list(range(n))) for name, n in sizes.items()}
+        )
+
+    seen: dict[str, list[int]] = {name: [] for name in sizes}
+    for part in range(5):
+        module = kernels()
+        kept = peers_worker.restrict_tuners(module, part, 5)
+        for name in sizes:
+            configs = getattr(module, name).configs
+            assert kept[name] == len(configs)
+            seen[name] += configs
+    assert {name: sorted(c) for name, c in seen.items()} == {
+        name: list(range(n)) for name, n in sizes.items()
+    }
+    with pytest.raises(ValueError, match="part"):
+        peers_worker.restrict_tuners(kernels(), 5, 5)
 
 
 @pytest.mark.parametrize("module", ["workloads.py", "timing.py", "peers_worker.py"])

@@ -22,6 +22,9 @@ included) goes to stderr.
 
 ``--warm`` builds the peer's CUDA library and compiles its Triton MSDA kernels on tiny
 inputs, then exits; run it in the background early to take the build off the clock.
+``--warm-conv PART PARTS`` compiles one part of the Triton convolution's autotuning
+configs (minutes each on one core): ``PARTS`` processes side by side fill Triton's cache
+(scripts/peer_conv_run.sh), so that the benchmark's own autotuning only times them.
 """
 
 from __future__ import annotations
@@ -229,12 +232,64 @@ def warm(peer: ModuleType, device: torch.device) -> None:
                 print(f"warm {impl} {name} {dtype}: {seconds:.1f} s, {outcome}", file=sys.stderr)
 
 
+#: The peer's Triton convolution kernels, each an autotuner over a list of configs.
+CONV_TUNERS = ("_conv_forward_kernel", "_conv_backward_kernel")
+
+
+def restrict_tuners(kernels: Any, part: int, parts: int) -> dict[str, int]:
+    """Keep, in each autotuner of CONV_TUNERS in ``kernels``, every ``parts``-th config from
+    ``part`` on (the parts together hold each config once); the configs each keeps."""
+    if not 0 <= part < parts:
+        raise ValueError(f"part must be in [0, {parts}), got {part}")
+    kept = {}
+    for name in CONV_TUNERS:
+        tuner = getattr(kernels, name)
+        tuner.configs = tuner.configs[part::parts]
+        kept[name] = len(tuner.configs)
+    return kept
+
+
+def warm_conv(device: torch.device, part: int, parts: int) -> None:
+    """Compile part ``part`` of ``parts`` of the peer's Triton convolution configs.
+
+    Each autotuner keeps its part of the configs (restrict_tuners), and the convolution
+    runs forward and backward once per conv workload and dtype, at full size (Triton
+    specialises kernels on their integer arguments' divisibility by 16): the configs of
+    this part are compiled into Triton's on-disk cache (which the processes of the other
+    parts share), so that a later process autotuning over all of them only times them.
+    """
+    registry = importlib.import_module("deformops.registry")
+    kernels = importlib.import_module("deformops.backends.triton._kernels.conv_deform2d")
+    kept = restrict_tuners(kernels, part, parts)
+    print(f"part {part}/{parts}: configs kept {kept}", file=sys.stderr)
+    for name in ("r50_dcn", "hires_dcn"):
+        workload = workloads.WORKLOADS[name]
+        for dtype in ("fp32", "bf16", "fp16"):
+            inputs = workloads.make_inputs(workload, workloads.DTYPES[dtype], device)
+            start = time.perf_counter()
+            try:
+                case, _ = _conv_case(registry, workload, inputs)
+                timing.measure(case, runs=1, warmup=0)
+                outcome = "ok"
+            except Exception as error:
+                outcome = f"{type(error).__name__}: {error}"
+            seconds = time.perf_counter() - start
+            print(f"part {part}: conv {name} {dtype}: {seconds:.1f} s, {outcome}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--peer-path", required=True, help="folder holding the peer package")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--warm", action="store_true", help="build and compile, then exit")
+    parser.add_argument(
+        "--warm-conv",
+        nargs=2,
+        type=int,
+        metavar=("PART", "PARTS"),
+        help="compile part PART of PARTS of the Triton convolution's configs, then exit",
+    )
     args = parser.parse_args(argv)
     # The replies keep the original stdout; fd 1 (print, compilers) goes to stderr.
     protocol = os.fdopen(os.dup(1), "w", buffering=1)
@@ -244,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         peer = _import_peer(os.path.abspath(args.peer_path))
     except Exception as error:
         traceback.print_exc()
-        if not args.warm:
+        if not (args.warm or args.warm_conv):
             reply = {"error": f"cannot import the peer: {type(error).__name__}: {error}"}
             for _ in sys.stdin:
                 protocol.write(json.dumps(reply) + "\n")
@@ -252,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.warm:
         warm(peer, device)
+    elif args.warm_conv:
+        warm_conv(device, *args.warm_conv)
     else:
         serve(peer, device, protocol)
     return 0
