@@ -6,8 +6,9 @@ Reads ``msda.json`` and ``conv.json`` (records of ``python -m deformops bench``)
 
 - MSDA: ours, the fastest peer, and the fastest peer whose error is within the target
   (1e-5 in float32, 5e-3 in half precision), forward and forward+backward ratios;
-- convolution: ours, torchvision and dense cuDNN, with the speed-up over torchvision and
-  the ratio to the dense convolution.
+- convolution: ours, torchvision, the published deformops 3.0.1 Triton convolution (when
+  the run measured it) and dense cuDNN, with the speed-ups over the first two and the
+  ratio to the dense convolution.
 """
 
 from __future__ import annotations
@@ -70,29 +71,40 @@ def msda_table(records: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def _versus(ours: dict, other: dict | None, missing: str) -> tuple[str, str]:
+    """Another implementation's ``fwd / fwd+bwd`` cell and our speed-up over it."""
+    if other is None:
+        return missing, "-"
+    cell = f"{other['fwd_ms']:.3f} / {other['fwdbwd_ms']:.3f}"
+    speedup = (
+        f"{other['fwd_ms'] / ours['fwd_ms']:.1f}x, {other['fwdbwd_ms'] / ours['fwdbwd_ms']:.1f}x"
+    )
+    return cell, speedup
+
+
 def conv_table(records: list[dict]) -> str:
-    """The convolution table: ours, torchvision and dense cuDNN."""
+    """The convolution table: ours, torchvision, the published Triton convolution (when
+    measured) and dense cuDNN."""
     rows = [
         "| workload | dtype | deformops fwd / fwd+bwd ms, peak MiB, err | torchvision | "
-        "dense cuDNN | speed-up over torchvision fwd, fwd+bwd | fwd+bwd / dense |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "speed-up over torchvision fwd, fwd+bwd | 3.0.1 triton | speed-up over 3.0.1 triton | "
+        "dense cuDNN | fwd+bwd / dense |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for (workload, dtype), impls in _by_case(records).items():
-        ours, tv, dense = (impls.get(k) for k in ("deformops", "torchvision", "cudnn-dense"))
+        ours, dense = impls.get("deformops"), impls.get("cudnn-dense")
         if ours is None:
             continue
-        tv_cell = f"{tv['fwd_ms']:.3f} / {tv['fwdbwd_ms']:.3f}" if tv else "not supported"
-        speedup = (
-            f"{tv['fwd_ms'] / ours['fwd_ms']:.1f}x, {tv['fwdbwd_ms'] / ours['fwdbwd_ms']:.1f}x"
-            if tv
-            else "-"
+        tv_cell, over_tv = _versus(ours, impls.get("torchvision"), "not supported")
+        peer_cell, over_peer = _versus(
+            ours, impls.get("peer-deformops-3.0.1-triton"), "not measured"
         )
         dense_cell = f"{dense['fwd_ms']:.3f} / {dense['fwdbwd_ms']:.3f}" if dense else "-"
         over_dense = f"{ours['fwdbwd_ms'] / dense['fwdbwd_ms']:.1f}x" if dense else "-"
         rows.append(
             f"| {workload} | {dtype} | {ours['fwd_ms']:.3f} / {ours['fwdbwd_ms']:.3f}, "
-            f"{ours['peak_mib']:.0f}, {ours['rel_err']:.1e} | {tv_cell} | {dense_cell} | "
-            f"{speedup} | {over_dense} |"
+            f"{ours['peak_mib']:.0f}, {ours['rel_err']:.1e} | {tv_cell} | {over_tv} | "
+            f"{peer_cell} | {over_peer} | {dense_cell} | {over_dense} |"
         )
     return "\n".join(rows)
 

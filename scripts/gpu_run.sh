@@ -30,7 +30,7 @@
 # Environment knobs: GPU_RUN_BUDGET (seconds for the whole run, default 540), PYTHON,
 # PEERDIR, PEER_CONV_PARTS (default 0; N > 0: the peer's Triton convolution is benchmarked
 # too, after N background processes, started with the peer's warm-up, have compiled one
-# part each of its autotuning configs into Triton's cache: OUTDIR/peer_conv_warm_*.log),
+# part each of its autotuning configs into Triton's cache: OUTDIR/peer_conv_warm.log),
 # BENCH_MSDA_IMPLS, BENCH_CONV_IMPLS and BENCH_ROI_IMPLS (--impl lists),
 # BENCH_ARGS (more bench options, e.g. "--runs 50"; a dry run without GPU: "--device cpu
 # --scale 0.0625 --runs 3 --warmup 1").
@@ -194,10 +194,12 @@ fi
 PEER_CONV_PARTS=${PEER_CONV_PARTS:-0}
 PEER_CONV_PIDS=()
 if ((PEER_CONV_PARTS > 0)) && [[ -f $PEERDIR/deformops/__init__.py ]]; then
-    echo "$PEER_CONV_PARTS processes compile the peer's Triton convolution configs: $OUT/peer_conv_warm_*.log"
+    # One log per part outside OUTDIR (few files come back from a GPU host), joined later.
+    PEER_CONV_LOGS=$(mktemp -d /tmp/peer-conv-warm.XXXXXX)
+    echo "$PEER_CONV_PARTS processes compile the peer's Triton convolution configs: $OUT/peer_conv_warm.log"
     for ((part = 0; part < PEER_CONV_PARTS; part++)); do
         timeout 420 nice -n 10 "$PY" -I "$PEER_WORKER" --peer-path "$PEERDIR" \
-            --warm-conv "$part" "$PEER_CONV_PARTS" >"$OUT/peer_conv_warm_$part.log" 2>&1 &
+            --warm-conv "$part" "$PEER_CONV_PARTS" >"$PEER_CONV_LOGS/$part.log" 2>&1 &
         PEER_CONV_PIDS+=($!)
     done
 fi
@@ -223,7 +225,8 @@ CONV_DEFAULT="deformops torchvision cudnn-dense"
 if ((${#PEER_CONV_PIDS[@]})); then
     echo "waiting for the compiles of the peer's Triton convolution configs"
     wait "${PEER_CONV_PIDS[@]}"
-    grep -h "conv .* s, " "$OUT"/peer_conv_warm_*.log | grep -v ", ok$" || echo "every part compiled"
+    cat "$PEER_CONV_LOGS"/*.log >"$OUT/peer_conv_warm.log"
+    grep "conv .* s, " "$OUT/peer_conv_warm.log" | grep -v ", ok$" || echo "every part compiled"
     CONV_DEFAULT="$CONV_DEFAULT peer-deformops-3.0.1-triton"
 fi
 MSDA_IMPLS=${BENCH_MSDA_IMPLS:-deformops pytorch-grid-sample peer-deformops-3.0.1-cuda peer-deformops-3.0.1-triton}
