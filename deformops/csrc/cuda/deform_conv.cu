@@ -4,12 +4,15 @@
 // Work decomposition. The input is read channels-last, so the C channels of one
 // bilinear corner are contiguous. A "team" of TS lanes (a power of two, at most a
 // warp) owns one output pixel p and one offset group og, and walks the K kernel
-// points; lane l handles the channel vectors l, l + TS, ... of the group, a
-// vector being VEC channels in 16 bytes or less.
-// Lane l of the team computes the bilinear corners of kernel point k0 + l
-// (sampling.h) into shared memory; then each lane loads, for each kernel point,
-// the four corners' vectors (coalesced across the team) and interpolates them
-// in registers with sampling.h's functions.
+// points in phases of up to TS points; lane l handles the channel vectors l,
+// l + TS, ... of the group, a vector being VEC channels in 16 bytes or less.
+// In a phase, the block's threads compute the bilinear corners (sampling.h) of
+// its teams' points into shared memory, one (team, point) each, numbered so that
+// the busy threads are the first ones (no warp runs the corner arithmetic for a
+// few lanes: a team has at most TS points to locate, often fewer); then each
+// lane loads, for each kernel point, the four corners' vectors (coalesced
+// across the team) and interpolates them in registers with sampling.h's
+// functions.
 //  - im2col stores the modulated samples as one vector of the columns row.
 //  - col2im, given the columns' gradient, forms per corner the dot product of
 //    the column gradient with the corner's values, reduces the four dots over
@@ -244,16 +247,16 @@ struct CornerSlot {
   T m;
 };
 
-// The team's slots: one per lane (kThreads per block).
+// The slots of this thread's team in a phase of `points` kernel points (the
+// block's kThreads slots hold its teams' points, team after team).
 template <typename T>
-__device__ __forceinline__ CornerSlot<T>* team_slots(CornerSlot<T>* block_slots,
-                                                     const Geometry& g) {
-  return block_slots + ((threadIdx.x >> g.lanes_log2) << g.lanes_log2);
+__device__ __forceinline__ const CornerSlot<T>* team_slots(const CornerSlot<T>* block_slots,
+                                                           const Geometry& g, int points) {
+  return block_slots + (threadIdx.x >> g.lanes_log2) * uint32_t(points);
 }
 
-// Lane `lane` of the team computes kernel point k0 + lane (when it exists) into
-// its slot; returns the location (y, x), in precision C, and its corners for the
-// caller's own use.
+// Computes kernel point k into `slot` at place `at`; returns the location
+// (y, x), in precision C, and its corners for the caller's own use.
 // The backward uses C = double whatever V (sampling.h's bilinear_corners): a
 // location rounded to float can fall across a pixel edge, where the offset
 // gradient jumps (float64 does not round there). The forward's output is
@@ -280,6 +283,32 @@ __device__ __forceinline__ deformops::Corners<T> fill_slot(const Geometry& g, co
   return corners;
 }
 
+// One phase's corners: the block's threads compute, for each team of the block
+// and each of the `points` kernel points from k0, one slot of `block_slots` (of
+// kThreads slots; points <= TS, so one slot per thread at most) with fill_slot in
+// precision C, and call on_slot(team, at, k, corners, slot, y, x) after each.
+// Every thread of the block must call it; the slots are read after a
+// __syncthreads().
+template <typename C, typename T, typename V, typename OnSlot>
+__device__ __forceinline__ void fill_block_slots(const Geometry& g, const V* offset,
+                                                 const V* mask, int k0, int points,
+                                                 CornerSlot<T>* block_slots, OnSlot&& on_slot) {
+  const uint32_t teams_in_block = kThreads >> g.lanes_log2;
+  const uint32_t s = threadIdx.x;
+  if (s < teams_in_block * uint32_t(points)) {
+    const uint32_t local = s / uint32_t(points);
+    const int k = k0 + int(s - local * uint32_t(points));
+    const uint32_t team = blockIdx.x * teams_in_block + local;
+    if (team < g.teams) {
+      const Place at = place_of(g, team);
+      C y, x;
+      const deformops::Corners<T> corners =
+          fill_slot<C>(g, at, offset, mask, k, block_slots[s], y, x);
+      on_slot(team, at, k, corners, block_slots[s], y, x);
+    }
+  }
+}
+
 // The Corners of a slot with corner i at position i of a register array of four
 // vectors: sampling.h's functions then interpolate vectors held in registers
 // (data[i * VEC + j] is channel j of corner i).
@@ -302,18 +331,14 @@ __global__ void __launch_bounds__(kThreads, kIm2colMinBlocks)
                   const V* __restrict__ mask, V* __restrict__ columns) {
   using T = acc_type<V>;
   __shared__ CornerSlot<T> block_slots[kThreads];
-  CornerSlot<T>* slots = team_slots(block_slots, g);
   const auto [team, active, lane, at] = team_thread(g);
   const V* image = input + at.n * g.image_size;
   V* row = columns + int64_t(at.p) * g.row;
-  // Kernel points in phases of TS: lane l computes the corners of point k0 + l.
   for (int k0 = 0; k0 < g.kernel_points; k0 += int(team_lanes(g))) {
     const int points = min(int(team_lanes(g)), g.kernel_points - k0);
-    if (active && int(lane) < points) {
-      T y, x;
-      fill_slot<T>(g, at, offset, mask, k0 + int(lane), slots[lane], y, x);
-    }
-    __syncwarp();
+    fill_block_slots<T>(g, offset, mask, k0, points, block_slots, [](auto&&...) {});
+    __syncthreads();
+    const CornerSlot<T>* slots = team_slots(block_slots, g, points);
     for (int kk = 0; active && kk < points; ++kk) {
       const CornerSlot<T>& slot = slots[kk];
       const deformops::Corners<T> local = in_registers(slot);
@@ -340,7 +365,7 @@ __global__ void __launch_bounds__(kThreads, kIm2colMinBlocks)
                                  out);
       }
     }
-    __syncwarp();
+    __syncthreads();
   }
 }
 
@@ -352,48 +377,48 @@ __global__ void __launch_bounds__(kThreads, kCol2imMinBlocks)
                   V* __restrict__ grad_mask, const SampleFiles files) {
   using T = acc_type<V>;
   __shared__ CornerSlot<T> block_slots[kThreads];
-  CornerSlot<T>* slots = team_slots(block_slots, g);
   // Lanes past the last team stay to take part in the team sums.
   const auto [team, active, lane, at] = team_thread(g);
   const V* image = input + at.n * g.image_size;
-  const int64_t dy_base = offset_base(g, g.grad_offset_strides, at);
-  const int64_t m_base = mask_base(g, g.grad_mask_strides, at);
   const V* grad_row = grad_columns + int64_t(at.p) * g.row;
   V* row = columns + int64_t(at.p) * g.row;
   auto* weights = static_cast<CornerWeights<T>*>(files.weights);
   for (int k0 = 0; k0 < g.kernel_points; k0 += int(team_lanes(g))) {
     const int points = min(int(team_lanes(g)), g.kernel_points - k0);
-    if (active && int(lane) < points) {
-      // Lane l: the corners of kernel point k0 + l, and the sample's filing
-      // under its cell for the input gradient.
-      const int k = k0 + int(lane);
-      double y, x;
-      const deformops::Corners<T> corners =
-          fill_slot<double>(g, at, offset, mask, k, slots[lane], y, x);
-      const T m = slots[lane].m;
-      const uint32_t s = team * g.kernel_points + k;
-      const bool touches = m != T(0) && (corners.weight[0] != T(0) || corners.weight[1] != T(0) ||
-                                         corners.weight[2] != T(0) || corners.weight[3] != T(0));
-      int32_t cell = -1;
-      int32_t rank = 0;
-      if (touches) {
-        const int64_t cy = static_cast<int64_t>(floor(y)) + 1;
-        const int64_t cx = static_cast<int64_t>(floor(x)) + 1;
-        cell = static_cast<int32_t>(
-            (uint32_t(at.n - g.n_begin) * g.offset_groups + at.og) * g.cells_per_map +
-            cy * g.cell_width + cx);
-        rank = atomicAdd(files.cell_counts + cell, 1);
-        CornerWeights<T> w;
+    // Each (team, point): its corners, and the sample's filing under its cell
+    // for the input gradient.
+    fill_block_slots<double>(
+        g, offset, mask, k0, points, block_slots,
+        [&](uint32_t slot_team, const Place& slot_at, int k,
+            const deformops::Corners<T>& corners, const CornerSlot<T>& slot, double y,
+            double x) {
+          const T m = slot.m;
+          const uint32_t s = slot_team * g.kernel_points + k;
+          const bool touches = m != T(0) &&
+                               (corners.weight[0] != T(0) || corners.weight[1] != T(0) ||
+                                corners.weight[2] != T(0) || corners.weight[3] != T(0));
+          int32_t cell = -1;
+          int32_t rank = 0;
+          if (touches) {
+            const int64_t cy = static_cast<int64_t>(floor(y)) + 1;
+            const int64_t cx = static_cast<int64_t>(floor(x)) + 1;
+            cell = static_cast<int32_t>(
+                (uint32_t(slot_at.n - g.n_begin) * g.offset_groups + slot_at.og) *
+                    g.cells_per_map +
+                cy * g.cell_width + cx);
+            rank = atomicAdd(files.cell_counts + cell, 1);
+            CornerWeights<T> w;
 #pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          w.w[q] = corners.weight[q] * m;
-        }
-        weights[s] = w;
-      }
-      files.cell[s] = cell;
-      files.rank[s] = files.stable ? static_cast<int32_t>(s) : rank;
-    }
-    __syncwarp();
+            for (int q = 0; q < 4; ++q) {
+              w.w[q] = corners.weight[q] * m;
+            }
+            weights[s] = w;
+          }
+          files.cell[s] = cell;
+          files.rank[s] = files.stable ? static_cast<int32_t>(s) : rank;
+        });
+    __syncthreads();
+    const CornerSlot<T>* slots = team_slots(block_slots, g, points);
     for (int kk = 0; kk < points; ++kk) {
       const CornerSlot<T>& slot = slots[kk];
       const deformops::Corners<T> local = in_registers(slot);
@@ -445,16 +470,17 @@ __global__ void __launch_bounds__(kThreads, kCol2imMinBlocks)
         T grad_x = T(0);
         deformops::bilinear_sample_grad_location(dots, 1, dot_corners, grad_y, grad_x);
         const int k = k0 + kk;
-        const int64_t dy = dy_base + 2 * k * g.grad_offset_strides.c;
+        const int64_t dy =
+            offset_base(g, g.grad_offset_strides, at) + 2 * k * g.grad_offset_strides.c;
         grad_offset[dy] = narrow<V>(slot.m * grad_y);
         grad_offset[dy + g.grad_offset_strides.c] = narrow<V>(slot.m * grad_x);
         if (mask != nullptr) {
-          grad_mask[m_base + k * g.grad_mask_strides.c] =
+          grad_mask[mask_base(g, g.grad_mask_strides, at) + k * g.grad_mask_strides.c] =
               narrow<V>(deformops::bilinear_sample(dots, 1, dot_corners));
         }
       }
     }
-    __syncwarp();
+    __syncthreads();
   }
 }
 
