@@ -212,6 +212,28 @@ def test_peer_names_match_the_worker():
     )
 
 
+def test_allow_tf32_sets_the_matmul_flag(tmp_path):
+    """--allow-tf32 turns TF32 matrix products on for the run (CUDA records carry the
+    flag); without it, PyTorch's setting is left alone."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        code, _ = _bench(
+            tmp_path, "--workload", "detr_dec", "--dtype", "fp32", "--impl", "reference"
+        )
+        assert code == 0
+        assert not torch.backends.cuda.matmul.allow_tf32
+        code, _ = _bench(
+            tmp_path,
+            *("--workload", "detr_dec", "--dtype", "fp32", "--impl", "reference"),
+            "--allow-tf32",
+        )
+        assert code == 0
+        assert torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
 def test_conv_warm_parts_share_out_the_configs():
     """Each part of the Triton convolution's warm-up keeps its share of every
     autotuner's configs; the parts together keep each config once."""

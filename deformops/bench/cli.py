@@ -82,6 +82,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Q scales by scale**2; batch, channels, heads and points are unchanged",
     )
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    parser.add_argument(
+        "--allow-tf32",
+        action="store_true",
+        help="float32 matrix products on TF32 tensor cores in this process "
+        "(torch.backends.cuda.matmul.allow_tf32 = True; each CUDA record's tf32 field says "
+        "which); default: PyTorch's own setting, off",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     parser.add_argument(
         "--peer-path",
@@ -158,6 +165,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if torch.device(config.device).type == "cuda":
         torch.backends.cudnn.benchmark = True
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
     json_path = args.out / f"{args.name or '-'.join(config.ops)}.json"
     records = Runner(config, json_path).run()
     if not records:
