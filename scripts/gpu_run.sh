@@ -44,6 +44,12 @@ TEE_PID=$!
 BUDGET=${GPU_RUN_BUDGET:-540}
 BENCH_RESERVE=275 # seconds kept for the three benchmark stages
 START=$SECONDS
+# The stages before the benchmarks take about 250 s on an H100 host (330 s with
+# PEER_CONV_PARTS compiling beside them); a smaller budget cuts the last of them short.
+if ((BUDGET - BENCH_RESERVE < 250)); then
+    echo "warning: GPU_RUN_BUDGET=$BUDGET leaves $((BUDGET - BENCH_RESERVE)) s before the benchmarks" \
+        "(they need about 250 s): the tests or compute-sanitizer may be cut short" >&2
+fi
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 PEERDIR=${PEERDIR:-/tmp/deformops-peer}
 PEER_WORKER=deformops/bench/peers_worker.py
