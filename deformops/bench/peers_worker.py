@@ -24,7 +24,7 @@ included) goes to stderr.
 inputs, then exits; run it in the background early to take the build off the clock.
 ``--warm-conv PART PARTS`` compiles one part of the Triton convolution's autotuning
 configs (minutes each on one core): ``PARTS`` processes side by side fill Triton's cache
-(scripts/peer_conv_run.sh), so that the benchmark's own autotuning only times them.
+(scripts/gpu_run.sh with PEER_CONV_PARTS), so that the benchmark's own autotuning only times them.
 """
 
 from __future__ import annotations
