@@ -210,6 +210,25 @@ def serve(peer: ModuleType, device: torch.device, protocol: Any) -> None:
         protocol.flush()
 
 
+def _warm_call(
+    label: str,
+    adapter: Callable[..., tuple[Any, dict[str, Any]]],
+    registry: ModuleType,
+    workload: Any,
+    inputs: dict[str, Tensor],
+) -> None:
+    """Build the adapter's case and call it once (compiling or autotuning what it
+    needs); print ``label: seconds, outcome`` on stderr."""
+    start = time.perf_counter()
+    try:
+        case, _ = adapter(registry, workload, inputs)
+        timing.measure(case, runs=1, warmup=0)
+        outcome = "ok"
+    except Exception as error:
+        outcome = f"{type(error).__name__}: {error}"
+    print(f"{label}: {time.perf_counter() - start:.1f} s, {outcome}", file=sys.stderr)
+
+
 def warm(peer: ModuleType, device: torch.device) -> None:
     """Build the peer's CUDA MSDA library and compile its Triton MSDA kernels."""
     registry = importlib.import_module("deformops.registry")
@@ -221,15 +240,13 @@ def warm(peer: ModuleType, device: torch.device) -> None:
         for dtype in ("fp32", "bf16", "fp16"):
             inputs = workloads.make_inputs(workload, workloads.DTYPES[dtype], device)
             for impl in (PEER_CUDA, PEER_TRITON):
-                start = time.perf_counter()
-                try:
-                    case, _ = ADAPTERS[("msda", impl)](registry, workload, inputs)
-                    timing.measure(case, runs=1, warmup=0)
-                    outcome = "ok"
-                except Exception as error:
-                    outcome = f"{type(error).__name__}: {error}"
-                seconds = time.perf_counter() - start
-                print(f"warm {impl} {name} {dtype}: {seconds:.1f} s, {outcome}", file=sys.stderr)
+                _warm_call(
+                    f"warm {impl} {name} {dtype}",
+                    ADAPTERS[("msda", impl)],
+                    registry,
+                    workload,
+                    inputs,
+                )
 
 
 #: The peer's Triton convolution kernels, each an autotuner over a list of configs.
@@ -266,15 +283,7 @@ def warm_conv(device: torch.device, part: int, parts: int) -> None:
         workload = workloads.WORKLOADS[name]
         for dtype in ("fp32", "bf16", "fp16"):
             inputs = workloads.make_inputs(workload, workloads.DTYPES[dtype], device)
-            start = time.perf_counter()
-            try:
-                case, _ = _conv_case(registry, workload, inputs)
-                timing.measure(case, runs=1, warmup=0)
-                outcome = "ok"
-            except Exception as error:
-                outcome = f"{type(error).__name__}: {error}"
-            seconds = time.perf_counter() - start
-            print(f"part {part}: conv {name} {dtype}: {seconds:.1f} s, {outcome}", file=sys.stderr)
+            _warm_call(f"part {part}: conv {name} {dtype}", _conv_case, registry, workload, inputs)
 
 
 def main(argv: list[str] | None = None) -> int:
