@@ -60,8 +60,8 @@ constexpr int kBlock = 256;
 
 // Resident blocks per SM the kernels are compiled for (their register budget,
 // chosen so that nothing spills: scripts/check_cuda_compile.py): the forward
-// with kInFlight samples' loads in flight fits 80 registers, the backward 128.
-constexpr int kForwardBlocks = 3;
+// with kInFlight samples' loads in flight fits 64 registers, the backward 128.
+constexpr int kForwardBlocks = 4;
 constexpr int kBackwardBlocks = 2;
 
 // Vector shape of the fast path for values of type T whose value gradient is
@@ -114,7 +114,7 @@ struct Sample {
   A weight[4], dweight_dy[4], dweight_dx[4];
   A attention;
   A w, h;           // the level's width and height
-  int64_t index;    // the sample's index in attention_weights
+  int64_t index;    // the sample's index in attention_weights; -1: an empty sample
 };
 
 // A sample's corners on its level of h x w pixels (sampling.h, in precision C),
@@ -186,7 +186,7 @@ __device__ __forceinline__ Sample<A> empty_sample() {
     smp.weight[k] = smp.dweight_dy[k] = smp.dweight_dx[k] = A(0);
   }
   smp.attention = smp.w = smp.h = A(0);
-  smp.index = 0;
+  smp.index = -1;
   return smp;
 }
 
@@ -198,14 +198,26 @@ struct Shared {
   A scaled[4];
 };
 
+// The corners of the sample owned by lane `owner` of this lane's segment of
+// `lanes` lanes, if `owner` is below `count` (uniform over the warp, so that
+// all 32 lanes reach the shuffles and they need no convergence checks), else a
+// sample with nothing to read or add.
 template <typename A>
-__device__ __forceinline__ Shared<A> receive(const Sample<A>& mine, int owner, int lanes,
-                                             unsigned int mask) {
+__device__ __forceinline__ Shared<A> receive(const Sample<A>& mine, int owner, int count,
+                                             int lanes) {
   Shared<A> sh;
+  if (owner < count) {
 #pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    sh.pos[k] = __shfl_sync(mask, mine.pos[k], owner, lanes);
-    sh.scaled[k] = __shfl_sync(mask, mine.scaled[k], owner, lanes);
+    for (int k = 0; k < 4; ++k) {
+      sh.pos[k] = __shfl_sync(0xffffffffu, mine.pos[k], owner, lanes);
+      sh.scaled[k] = __shfl_sync(0xffffffffu, mine.scaled[k], owner, lanes);
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      sh.pos[k] = kNoCorner;
+      sh.scaled[k] = A(0);
+    }
   }
   return sh;
 }
@@ -215,36 +227,44 @@ __device__ __forceinline__ Shared<A> receive(const Sample<A>& mine, int owner, i
 // memory system idle between samples.
 constexpr int kInFlight = 2;
 
-// receive() of owner `owner` when it is below `count` (uniform over the
-// segment, so every lane reaches the shuffles), else a sample with nothing to
-// read or add.
-template <typename A>
-__device__ __forceinline__ Shared<A> receive_or_empty(const Sample<A>& mine, int owner, int count,
-                                                      int lanes, unsigned int mask) {
-  if (owner < count) {
-    return receive(mine, owner, lanes, mask);
-  }
-  Shared<A> sh;
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    sh.pos[k] = kNoCorner;
-    sh.scaled[k] = A(0);
-  }
-  return sh;
+// An opaque copy of the offset `x`: the compiler cannot fold the sizes that
+// made it into the offsets added to it later, so that at_position stays one
+// multiply-add (folded, the sum of the (n, m) and position offsets was
+// recomputed in 64 bits for every corner). An offset, not a pointer, so that
+// the pointer keeps its known global address space (a generic pointer turns
+// the gradient's reductions into generic atomics).
+__device__ __forceinline__ int64_t opaque(int64_t x) {
+  asm("" : "+l"(x));
+  return x;
 }
 
-// Loads the lane's VEC channels of the corners at positions pos[k] (row:
-// elements between positions) from `data` (the lane's first channel at position
-// 0), packed (widened where they are used, so that several samples' loads fit
-// in registers together), or zeros where read[k] is false. The loads are
+// The element at flat position `pos` of a value-shaped array whose positions
+// are `row` elements apart, from `base` (the element at position 0). BYTES
+// (the fast path, where a row's bytes fit 32 bits): one wide multiply-add of
+// the row's bytes; else 64-bit element arithmetic.
+template <bool BYTES, typename P>
+__device__ __forceinline__ P* at_position(P* base, uint32_t pos, uint32_t row) {
+  if constexpr (BYTES) {
+    using Byte = std::conditional_t<std::is_const_v<P>, const char, char>;
+    const uint32_t row_bytes = row * static_cast<uint32_t>(sizeof(P));
+    return reinterpret_cast<P*>(reinterpret_cast<Byte*>(base) +
+                                static_cast<uint64_t>(pos) * row_bytes);
+  } else {
+    return base + static_cast<uint64_t>(pos) * row;
+  }
+}
+
+// Loads the lane's VEC channels of the corners at positions pos[k] (see
+// at_position) from `data` (the lane's first channel at position 0), packed
+// (widened where they are used, so that several samples' loads fit in
+// registers together), or zeros where read[k] is false. The loads are
 // independent, so they are in flight together.
-template <int VEC, typename T>
+template <int VEC, bool BYTES, typename T>
 __device__ __forceinline__ void load_corners(const T* data, uint32_t row, const uint32_t (&pos)[4],
                                              const bool (&read)[4], Packed<VEC, T> (&v)[4]) {
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
-    v[k] = read[k] ? load_packed<VEC>(data + static_cast<uint64_t>(pos[k]) * row)
-                   : Packed<VEC, T>{};
+    v[k] = read[k] ? load_packed<VEC>(at_position<BYTES>(data, pos[k], row)) : Packed<VEC, T>{};
   }
 }
 
@@ -275,19 +295,11 @@ __device__ __forceinline__ int64_t first_channel(int pass, int lane_c, int log_c
   return ((static_cast<int64_t>(pass) << log_c) + lane_c) * VEC;
 }
 
-// The lanes of this thread's channel segment (its group's channel lanes for one
-// point lane), as a shuffle mask.
-__device__ __forceinline__ unsigned int segment_mask(int lanes) {
-  const unsigned int bits = lanes == 32 ? 0xffffffffu : (1u << lanes) - 1u;
-  return bits << ((threadIdx.x & 31) & ~(lanes - 1));
-}
-
 // This thread's lanes in its group (see the file comment) and the shape of the
 // group's work, the same in the forward and the backward.
 struct GroupLanes {
   int lanes;           // channel lanes of a group
   int lane_c, lane_s;  // this thread's channel lane and point lane
-  unsigned int mask;   // the lanes of its channel segment, for shuffles
   uint32_t row;        // elements between positions of the value (M * D)
   int64_t samples;     // L * P samples of an (n, q, m) row
   int64_t rounds;      // rounds of `lanes` samples
@@ -298,47 +310,64 @@ __device__ __forceinline__ GroupLanes group_lanes(const MsdaSizes& s, const Layo
   g.lanes = 1 << lay.log_c;
   g.lane_c = threadIdx.x & (g.lanes - 1);
   g.lane_s = (threadIdx.x >> lay.log_c) & ((1 << lay.log_s) - 1);
-  g.mask = segment_mask(g.lanes);
   g.row = static_cast<uint32_t>(s.heads * s.channels);
   g.samples = s.levels * s.points;
   g.rounds = (g.samples + g.lanes - 1) >> lay.log_c;
   return g;
 }
 
+// The sample this lane owns in the round of point-lane rounds starting at r0:
+// sample (r0 + lane_s) * lanes + lane_c of its group's row, or an empty one
+// (beyond L * P, or a thread past the last group).
+template <typename C, typename T, typename A>
+__device__ __forceinline__ Sample<A> round_sample(const Args<T>& a, const GroupLanes& g,
+                                                  const Position& pos, int64_t r0) {
+  const int64_t j = ((r0 + g.lane_s) << a.lay.log_c) + g.lane_c;
+  return pos.valid && j < g.samples ? owner_sample<C, T, A>(a, pos.nqm, j) : empty_sample<A>();
+}
+
+// Samples in the round starting at r0 of the warp's first point lane, the most
+// any of its point lanes has (the others' extra slots receive empty samples):
+// uniform over the warp, so that every lane takes the same shuffles.
+__device__ __forceinline__ int round_count(const GroupLanes& g, int log_c, int64_t r0) {
+  const int64_t left = g.samples - (r0 << log_c);
+  return static_cast<int>(left < g.lanes ? left : g.lanes);
+}
+
+// The loops of both kernels run the same number of times in every lane of a
+// warp (the block-stride loop's bound is uniform over the block, the rounds'
+// over the problem), so that their shuffles take the whole warp.
 template <typename T, int VEC, bool ONE_PASS>
 __global__ void __launch_bounds__(kBlock, kForwardBlocks)
     msda_forward_kernel(const Args<T> a, T* __restrict__ output) {
   using A = acc_type<T>;
   const MsdaSizes& s = a.s;
   const Layout& lay = a.lay;
-  const auto [lanes, lane_c, lane_s, mask, row, samples, rounds] = group_lanes(s, lay);
+  const GroupLanes g = group_lanes(s, lay);
   const int passes = ONE_PASS ? 1 : lay.passes;
-  // The loop bound is uniform over the block, so every lane reaches the shuffles.
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * kBlock; base < lay.threads;
        base += static_cast<int64_t>(gridDim.x) * kBlock) {
     const Position pos = locate(s, lay, base + threadIdx.x);
-    const T* value_nm = a.value + (pos.n * s.spatial * row + pos.m * s.channels);
+    const T* value_nm = a.value + opaque(pos.n * s.spatial * g.row + pos.m * s.channels);
     for (int pass = 0; pass < passes; ++pass) {
-      const int64_t d = first_channel<VEC>(pass, lane_c, lay.log_c);
-      const bool has_channels = d < s.channels;
+      const int64_t d = first_channel<VEC>(pass, g.lane_c, lay.log_c);
+      const bool has_channels = ONE_PASS || d < s.channels;
       A acc[VEC] = {};
-      for (int64_t r = lane_s; pos.valid && r < rounds; r += int64_t{1} << lay.log_s) {
-        const int64_t j = (r << lay.log_c) + lane_c;
-        const Sample<A> mine =
-            j < samples ? owner_sample<A, T, A>(a, pos.nqm, j) : empty_sample<A>();
-        const int count = static_cast<int>(min(int64_t{lanes}, samples - (r << lay.log_c)));
+      for (int64_t r0 = 0; r0 < g.rounds; r0 += int64_t{1} << lay.log_s) {
+        const Sample<A> mine = round_sample<A, T, A>(a, g, pos, r0);
+        const int count = round_count(g, lay.log_c, r0);
         for (int first = 0; first < count; first += kInFlight) {
           Shared<A> sh[kInFlight];
           Packed<VEC, T> v[kInFlight][4];
 #pragma unroll
           for (int i = 0; i < kInFlight; ++i) {
-            sh[i] = receive_or_empty(mine, first + i, count, lanes, mask);
+            sh[i] = receive(mine, first + i, count, g.lanes);
             bool read[4];
 #pragma unroll
             for (int k = 0; k < 4; ++k) {
               read[k] = has_channels && sh[i].scaled[k] != A(0);
             }
-            load_corners<VEC>(value_nm + d, row, sh[i].pos, read, v[i]);
+            load_corners<VEC, ONE_PASS>(value_nm + d, g.row, sh[i].pos, read, v[i]);
           }
 #pragma unroll
           for (int i = 0; i < kInFlight; ++i) {
@@ -357,10 +386,10 @@ __global__ void __launch_bounds__(kBlock, kForwardBlocks)
       if (lay.log_s > 0) {
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
-          acc[e] = lane_sum(acc[e], lanes, 1 << (lay.log_c + lay.log_s));
+          acc[e] = lane_sum(acc[e], g.lanes, 1 << (lay.log_c + lay.log_s));
         }
       }
-      if (pos.valid && has_channels && lane_s == 0) {
+      if (pos.valid && has_channels && g.lane_s == 0) {
         store_vec_streaming<VEC>(output + pos.nqm * s.channels + d, acc);
       }
     }
@@ -378,39 +407,44 @@ __global__ void __launch_bounds__(kBlock, kBackwardBlocks)
   using A = acc_type<T>;
   const MsdaSizes& s = a.s;
   const Layout& lay = a.lay;
-  const auto [lanes, lane_c, lane_s, mask, row, samples, rounds] = group_lanes(s, lay);
+  const GroupLanes g = group_lanes(s, lay);
   const int passes = ONE_PASS ? 1 : lay.passes;
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * kBlock; base < lay.threads;
        base += static_cast<int64_t>(gridDim.x) * kBlock) {
     const Position pos = locate(s, lay, base + threadIdx.x);
-    const int64_t value_offset = pos.n * s.spatial * row + pos.m * s.channels;
+    const int64_t value_offset = opaque(pos.n * s.spatial * g.row + pos.m * s.channels);
+    const T* value_nm = a.value + value_offset;
+    G* grad_value_nm = grad_value != nullptr ? grad_value + value_offset : nullptr;
     const T* grad_out = grad_output + pos.nqm * s.channels;
     A go[VEC] = {};
     if constexpr (ONE_PASS) {
-      const int64_t d = first_channel<VEC>(0, lane_c, lay.log_c);
+      const int64_t d = first_channel<VEC>(0, g.lane_c, lay.log_c);
       if (pos.valid && d < s.channels) {
         load_vec_streaming<VEC>(grad_out + d, go);
       }
     }
-    for (int64_t r = lane_s; pos.valid && r < rounds; r += int64_t{1} << lay.log_s) {
-      const int64_t j = (r << lay.log_c) + lane_c;
-      const Sample<A> mine =
-          j < samples ? owner_sample<double, T, A>(a, pos.nqm, j) : empty_sample<A>();
-      const int count = static_cast<int>(min(int64_t{lanes}, samples - (r << lay.log_c)));
+    for (int64_t r0 = 0; r0 < g.rounds; r0 += int64_t{1} << lay.log_s) {
+      const Sample<A> mine = round_sample<double, T, A>(a, g, pos, r0);
+      const int count = round_count(g, lay.log_c, r0);
+      A grad_a = A(0);  // of the owned sample: d loss / d attention weight,
+      A grad_y = A(0);  // d loss / d y (pixels) / attention weight,
+      A grad_x = A(0);  // d loss / d x (pixels) / attention weight
       for (int first = 0; first < count; first += kInFlight) {
         Shared<A> sh[kInFlight];
 #pragma unroll
         for (int i = 0; i < kInFlight; ++i) {
-          sh[i] = receive_or_empty(mine, first + i, count, lanes, mask);
+          sh[i] = receive(mine, first + i, count, g.lanes);
         }
         A dot[kInFlight][4] = {};  // this lane's part of (corner value) . grad_output
         for (int pass = 0; pass < passes; ++pass) {
-          const int64_t d = first_channel<VEC>(pass, lane_c, lay.log_c);
+          const int64_t d = first_channel<VEC>(pass, g.lane_c, lay.log_c);
           if (d >= s.channels) {
             continue;
           }
           if constexpr (!ONE_PASS) {
-            load_vec_streaming<VEC>(grad_out + d, go);
+            if (pos.valid) {
+              load_vec_streaming<VEC>(grad_out + d, go);
+            }
           }
           Packed<VEC, T> v[kInFlight][4];
 #pragma unroll
@@ -420,7 +454,7 @@ __global__ void __launch_bounds__(kBlock, kBackwardBlocks)
             for (int k = 0; k < 4; ++k) {
               read[k] = sh[i].pos[k] != kNoCorner;
             }
-            load_corners<VEC>(a.value + value_offset + d, row, sh[i].pos, read, v[i]);
+            load_corners<VEC, ONE_PASS>(value_nm + d, g.row, sh[i].pos, read, v[i]);
           }
 #pragma unroll
           for (int i = 0; i < kInFlight; ++i) {
@@ -432,15 +466,14 @@ __global__ void __launch_bounds__(kBlock, kBackwardBlocks)
               for (int e = 0; e < VEC; ++e) {
                 dot[i][k] += corner[e] * go[e];
               }
-              if (grad_value != nullptr && sh[i].scaled[k] != A(0)) {
+              if (grad_value_nm != nullptr && sh[i].scaled[k] != A(0)) {
                 A add[VEC];
 #pragma unroll
                 for (int e = 0; e < VEC; ++e) {
                   add[e] = sh[i].scaled[k] * go[e];
                 }
-                atomic_add_vec<VEC>(
-                    grad_value + value_offset + d + static_cast<uint64_t>(sh[i].pos[k]) * row,
-                    add);
+                atomic_add_vec<VEC>(at_position<ONE_PASS>(grad_value_nm + d, sh[i].pos[k], g.row),
+                                    add);
               }
             }
           }
@@ -449,25 +482,24 @@ __global__ void __launch_bounds__(kBlock, kBackwardBlocks)
         for (int i = 0; i < kInFlight; ++i) {
 #pragma unroll
           for (int k = 0; k < 4; ++k) {
-            dot[i][k] = lane_sum(dot[i][k], 1, lanes, mask);
+            dot[i][k] = lane_sum(dot[i][k], 1, g.lanes);
           }
-          if (lane_c == first + i && first + i < count) {
-            A grad_a = A(0);  // d loss / d attention weight
-            A grad_y = A(0);  // d loss / d y (pixels) / attention
-            A grad_x = A(0);
+          if (g.lane_c == first + i) {
 #pragma unroll
             for (int k = 0; k < 4; ++k) {
               grad_a += mine.weight[k] * dot[i][k];
               grad_y += mine.dweight_dy[k] * dot[i][k];
               grad_x += mine.dweight_dx[k] * dot[i][k];
             }
-            store_either<T>(grad_weights, a.weights_float, mine.index, grad_a);
-            store_either<T>(grad_locations, a.locations_float, 2 * mine.index,
-                            mine.attention * grad_x * mine.w);
-            store_either<T>(grad_locations, a.locations_float, 2 * mine.index + 1,
-                            mine.attention * grad_y * mine.h);
           }
         }
+      }
+      // Every lane writes the gradients of the sample it owns at once, so that
+      // the lanes of a group store consecutive elements together.
+      if (mine.index >= 0) {
+        store_either<T>(grad_weights, a.weights_float, mine.index, grad_a);
+        store_pair_either<T>(grad_locations, a.locations_float, mine.index,
+                             mine.attention * grad_x * mine.w, mine.attention * grad_y * mine.h);
       }
     }
   }
@@ -519,12 +551,17 @@ inline int ceil_log2(int64_t x) {
 inline bool small_power_of_two(int64_t x) { return x > 0 && x <= 32 && (x & (x - 1)) == 0; }
 
 // The layout of a problem for the fast path's lane width `lane_channels` (0:
-// generic path only); `aligned`: every vector-accessed pointer is 16-byte aligned.
-inline Layout make_layout(const MsdaSizes& s, int lane_channels, bool aligned) {
+// generic path only); `aligned`: every vector-accessed pointer is 16-byte
+// aligned; `element_bytes`: the largest element addressed by position (the
+// fast path needs a row of them, M * D, to fit 32 bits: at_position).
+inline Layout make_layout(const MsdaSizes& s, int lane_channels, size_t element_bytes,
+                          bool aligned) {
   Layout lay;
   lay.groups = s.batch * s.heads * s.queries;
   const int64_t lanes = lane_channels > 0 ? s.channels / lane_channels : 0;
-  lay.fast = lane_channels > 0 && aligned && s.channels % lane_channels == 0 &&
+  const bool row_fits = s.heads * s.channels * static_cast<int64_t>(element_bytes) <
+                        (int64_t{1} << 32);
+  lay.fast = lane_channels > 0 && aligned && row_fits && s.channels % lane_channels == 0 &&
              small_power_of_two(lanes);
   if (lay.fast) {
     lay.log_c = ceil_log2(lanes);
@@ -596,7 +633,7 @@ cudaError_t forward(const MsdaInputs& in, void* output, cudaStream_t stream) {
     return cudaErrorInvalidValue;
   }
   const bool aligned = is_aligned(in.value, 16) && is_aligned(output, 16);
-  const Layout lay = make_layout(in.sizes, fast_lane_channels<T, T>(), aligned);
+  const Layout lay = make_layout(in.sizes, fast_lane_channels<T, T>(), sizeof(T), aligned);
   if (lay.threads == 0 || in.sizes.channels == 0) {
     return cudaSuccess;
   }
@@ -617,7 +654,8 @@ cudaError_t forward(const MsdaInputs& in, void* output, cudaStream_t stream) {
 template <typename T, typename G>
 cudaError_t launch_backward(const MsdaInputs& in, const T* grad_output, G* grad_value,
                             const MsdaGrads& grads, bool aligned, cudaStream_t stream) {
-  const Layout lay = make_layout(in.sizes, fast_lane_channels<T, G>(), aligned);
+  const Layout lay = make_layout(in.sizes, fast_lane_channels<T, G>(),
+                                 sizeof(T) > sizeof(G) ? sizeof(T) : sizeof(G), aligned);
   if (lay.threads == 0) {
     return cudaSuccess;
   }
