@@ -135,11 +135,6 @@ __device__ __forceinline__ void store_vec_streaming(T* p, const A (&in)[N]) {
   __stcs(reinterpret_cast<W*>(p), word);
 }
 
-// Whether `p` is aligned to `bytes` (a power of two).
-__host__ __device__ inline bool is_aligned(const void* p, uintptr_t bytes) {
-  return (reinterpret_cast<uintptr_t>(p) & (bytes - 1)) == 0;
-}
-
 // Element `i` of an array stored as float (`is_float`) or as T, widened to A.
 template <typename A, typename T>
 __device__ __forceinline__ A load_either(const void* p, bool is_float, int64_t i) {
@@ -160,26 +155,15 @@ __device__ __forceinline__ void store_either(void* p, bool is_float, int64_t i, 
 }
 
 // Stores `x` and `y` as elements 2i and 2i + 1 of an array stored as float
-// (`is_float`) or as T: one instruction where the pair is aligned (an array
-// that starts on a pair), else two.
+// (`is_float`) or as T, in one instruction (`p` is aligned to two elements).
 template <typename T, typename A>
 __device__ __forceinline__ void store_pair_either(void* p, bool is_float, int64_t i, A x, A y) {
   const A v[2] = {x, y};
   if (is_float) {
-    float* at = static_cast<float*>(p) + 2 * i;
-    if (is_aligned(at, 2 * sizeof(float))) {
-      store_vec_streaming<2>(at, v);
-      return;
-    }
+    store_vec_streaming<2>(static_cast<float*>(p) + 2 * i, v);
   } else {
-    T* at = static_cast<T*>(p) + 2 * i;
-    if (is_aligned(at, 2 * sizeof(T))) {
-      store_vec_streaming<2>(at, v);
-      return;
-    }
+    store_vec_streaming<2>(static_cast<T*>(p) + 2 * i, v);
   }
-  store_either<T>(p, is_float, 2 * i, x);
-  store_either<T>(p, is_float, 2 * i + 1, y);
 }
 
 // Two values rounded to a packed pair of half-precision elements, as a 32-bit word.
@@ -291,6 +275,11 @@ __device__ __forceinline__ A lane_sum(A v, int first, int end, unsigned int mask
     v += __shfl_xor_sync(mask, v, offset);
   }
   return v;
+}
+
+// Whether `p` is aligned to `bytes` (a power of two).
+inline bool is_aligned(const void* p, uintptr_t bytes) {
+  return (reinterpret_cast<uintptr_t>(p) & (bytes - 1)) == 0;
 }
 
 // Bytes of the widest access one instruction makes.

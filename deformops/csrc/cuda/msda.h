@@ -47,7 +47,7 @@ struct MsdaInputs {
 // The outputs of the backward. Each is written entirely (no need to zero it).
 struct MsdaGrads {
   void* grad_value;               // [N, S, M, D], value_dtype
-  void* grad_sampling_locations;  // [N, Q, M, L, P, 2], locations_dtype
+  void* grad_sampling_locations;  // [N, Q, M, L, P, 2], locations_dtype, aligned to a pair
   void* grad_attention_weights;   // [N, Q, M, L, P], weights_dtype
   // How the value gradient of half-precision values (kFloat16, kBFloat16) is
   // accumulated over the samples that touch an element:

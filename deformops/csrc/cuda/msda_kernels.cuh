@@ -20,9 +20,13 @@
 //    attention * weight * grad_output into the value gradient with vector
 //    atomics (16-byte red on sm_90), and the dots, summed over the channel lanes
 //    with shuffles, give the owner lane the gradients of the location and the
-//    attention weight, which it writes once (no atomics).
-// Fast path: D = lanes * VEC with lanes a power of two <= 32 and aligned
-// pointers, one pass over the channels. Generic path (any D; float64): VEC = 1,
+//    attention weight, which it writes once (no atomics) at the end of the
+//    round, when the lanes of the group store their samples' together.
+// Every lane of a warp runs the same rounds (lanes with nothing left take empty
+// samples), so the shuffles take the whole warp and need no convergence checks.
+// Fast path: D = lanes * VEC with lanes a power of two <= 32, aligned
+// pointers and a row of M * D elements within 2^32 bytes (a corner's address
+// is one wide multiply-add), one pass over the channels. Generic path (any D; float64): VEC = 1,
 // up to 32 channel lanes and as many passes as D needs.
 //
 // Deterministic backward. The order in which the atomics add into an element
@@ -1023,7 +1027,9 @@ cudaError_t gather_value_grad(const MsdaInputs& in, const T* grad_output, T* gra
 template <typename T>
 cudaError_t backward(const MsdaInputs& in, const void* grad_output, const MsdaGrads& grads,
                      cudaStream_t stream) {
-  if (!valid_inputs(in)) {
+  const size_t location_bytes =
+      in.locations_dtype == Dtype::kFloat32 ? sizeof(float) : sizeof(T);
+  if (!valid_inputs(in) || !is_aligned(grads.grad_sampling_locations, 2 * location_bytes)) {
     return cudaErrorInvalidValue;
   }
   if (grads.deterministic) {
