@@ -157,19 +157,23 @@ __device__ __forceinline__ Located<C> locate(const Args<T>& a, int64_t index, in
 // can move a point across a pixel edge, where the location gradient jumps
 // (float64 does not round there). The forward's output is continuous in the
 // location, so it uses C = A.
-template <typename C, typename T, typename A>
-__device__ __forceinline__ Sample<A> owner_sample(const Args<T>& a, int64_t nqm, int64_t j) {
+// GRADIENTS: the backward marks the corners it need not read (kNoCorner); the
+// forward reads a corner only where its scaled weight is not 0, so it skips that
+// test (and with it the weight derivatives, then unused).
+template <typename C, bool GRADIENTS, typename T, typename A>
+__device__ __forceinline__ Sample<A> owner_sample(const Args<T>& a, int64_t nqm, uint32_t j) {
   const MsdaSizes& s = a.s;
   Sample<A> smp;
   smp.index = nqm * (s.levels * s.points) + j;
   smp.attention = load_either<A, T>(a.weights, a.weights_float, smp.index);
-  const Located<C> at = locate<C>(a, smp.index, j / s.points);
+  const Located<C> at = locate<C>(a, smp.index, j / static_cast<uint32_t>(s.points));
   const Corners<C>& c = at.corners;
   smp.h = static_cast<A>(at.h);
   smp.w = static_cast<A>(at.w);
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
-    const bool read = c.weight[k] != C(0) || c.dweight_dy[k] != C(0) || c.dweight_dx[k] != C(0);
+    const bool read = !GRADIENTS || c.weight[k] != C(0) || c.dweight_dy[k] != C(0) ||
+                      c.dweight_dx[k] != C(0);
     smp.pos[k] = read ? static_cast<uint32_t>(c.offset[k]) : kNoCorner;
     smp.weight[k] = static_cast<A>(c.weight[k]);
     smp.dweight_dy[k] = static_cast<A>(c.dweight_dy[k]);
@@ -323,11 +327,14 @@ __device__ __forceinline__ GroupLanes group_lanes(const MsdaSizes& s, const Layo
 // The sample this lane owns in the round of point-lane rounds starting at r0:
 // sample (r0 + lane_s) * lanes + lane_c of its group's row, or an empty one
 // (beyond L * P, or a thread past the last group).
-template <typename C, typename T, typename A>
+template <typename C, bool GRADIENTS, typename T, typename A>
 __device__ __forceinline__ Sample<A> round_sample(const Args<T>& a, const GroupLanes& g,
                                                   const Position& pos, int64_t r0) {
-  const int64_t j = ((r0 + g.lane_s) << a.lay.log_c) + g.lane_c;
-  return pos.valid && j < g.samples ? owner_sample<C, T, A>(a, pos.nqm, j) : empty_sample<A>();
+  // L * P < 2^31 (valid_sizes): 32-bit sample indices, and a 32-bit division in
+  // owner_sample.
+  const uint32_t j = ((static_cast<uint32_t>(r0) + g.lane_s) << a.lay.log_c) + g.lane_c;
+  return pos.valid && j < g.samples ? owner_sample<C, GRADIENTS, T, A>(a, pos.nqm, j)
+                                    : empty_sample<A>();
 }
 
 // Samples in the round starting at r0 of the warp's first point lane, the most
@@ -358,7 +365,7 @@ __global__ void __launch_bounds__(kBlock, kForwardBlocks)
       const bool has_channels = ONE_PASS || d < s.channels;
       A acc[VEC] = {};
       for (int64_t r0 = 0; r0 < g.rounds; r0 += int64_t{1} << lay.log_s) {
-        const Sample<A> mine = round_sample<A, T, A>(a, g, pos, r0);
+        const Sample<A> mine = round_sample<A, false, T, A>(a, g, pos, r0);
         const int count = round_count(g, lay.log_c, r0);
         for (int first = 0; first < count; first += kInFlight) {
           Shared<A> sh[kInFlight];
@@ -428,7 +435,7 @@ __global__ void __launch_bounds__(kBlock, kBackwardBlocks)
       }
     }
     for (int64_t r0 = 0; r0 < g.rounds; r0 += int64_t{1} << lay.log_s) {
-      const Sample<A> mine = round_sample<double, T, A>(a, g, pos, r0);
+      const Sample<A> mine = round_sample<double, true, T, A>(a, g, pos, r0);
       const int count = round_count(g, lay.log_c, r0);
       A grad_a = A(0);  // of the owned sample: d loss / d attention weight,
       A grad_y = A(0);  // d loss / d y (pixels) / attention weight,
@@ -592,12 +599,14 @@ inline unsigned int grid_for(int64_t threads) {
   return static_cast<unsigned int>(blocks < (int64_t{1} << 30) ? blocks : (int64_t{1} << 30));
 }
 
-// Non-negative sizes, with S and M * D below 2^32 (positions and rows are
-// indexed with 32-bit factors; element offsets are 64-bit).
+// Non-negative sizes, with S and M * D below 2^32 and L * P below 2^31
+// (positions, rows and the samples of a row, with a round's lanes past the
+// last, are indexed with 32-bit factors; element offsets are 64-bit).
 inline bool valid_sizes(const MsdaSizes& s) {
   constexpr int64_t kLimit = int64_t{1} << 32;
   return s.batch >= 0 && s.spatial >= 0 && s.heads >= 0 && s.channels >= 0 && s.queries >= 0 &&
-         s.levels >= 0 && s.points >= 0 && s.spatial < kLimit && s.heads * s.channels < kLimit;
+         s.levels >= 0 && s.points >= 0 && s.spatial < kLimit && s.heads * s.channels < kLimit &&
+         s.levels * s.points < kLimit / 2;
 }
 
 // Locations and attention weights are stored in the value's dtype or in float32.
