@@ -26,8 +26,8 @@
 // samples), so the shuffles take the whole warp and need no convergence checks.
 // Fast path: D = lanes * VEC with lanes a power of two <= 32, aligned
 // pointers and a row of M * D elements within 2^32 bytes (a corner's address
-// is one wide multiply-add), one pass over the channels. Generic path (any D; float64): VEC = 1,
-// up to 32 channel lanes and as many passes as D needs.
+// is one wide multiply-add), one pass over the channels. Generic path (any D;
+// float64): VEC = 1, up to 32 channel lanes and as many passes as D needs.
 //
 // Deterministic backward. The order in which the atomics add into an element
 // of the value gradient changes from run to run, and so do the rounding errors.
