@@ -106,13 +106,6 @@ __device__ __forceinline__ Packed<N, T> load_packed(const T* p) {
 }
 
 // Loads N consecutive elements at `p` (aligned to N * sizeof(T)) in one
-// instruction from L2, without allocating in L1, packed.
-template <int N, typename T>
-__device__ __forceinline__ Packed<N, T> load_packed_l2(const T* p) {
-  return __ldcg(reinterpret_cast<const Packed<N, T>*>(p));
-}
-
-// Loads N consecutive elements at `p` (aligned to N * sizeof(T)) in one
 // instruction through the read-only cache, widened to A.
 template <int N, typename T, typename A>
 __device__ __forceinline__ void load_vec(const T* p, A (&out)[N]) {

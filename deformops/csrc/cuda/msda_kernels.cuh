@@ -102,9 +102,8 @@ struct Args {
   const int64_t* level_start;
   const void* locations;
   const void* weights;
-  bool locations_float;   // locations stored as float (else as T)
-  bool weights_float;     // attention weights stored as float (else as T)
-  uint32_t cached_begin;  // the backward's corners from here on go through L1 (kL1Bytes)
+  bool locations_float;  // locations stored as float (else as T)
+  bool weights_float;    // attention weights stored as float (else as T)
 };
 
 // Marks a corner the backward need not read (outside the map or dropped).
@@ -267,23 +266,13 @@ __device__ __forceinline__ P* at_position(P* base, uint32_t pos, uint32_t row) {
 // at_position) from `data` (the lane's first channel at position 0), packed
 // (widened where they are used, so that several samples' loads fit in
 // registers together), or zeros where read[k] is false. The loads are
-// independent, so they are in flight together. Corners at positions from
-// `cached_begin` on are read through L1, the others from L2 only, so that
-// they do not evict the cached ones.
+// independent, so they are in flight together.
 template <int VEC, bool BYTES, typename T>
-__device__ __forceinline__ void load_corners(const T* data, uint32_t row, uint32_t cached_begin,
-                                             const uint32_t (&pos)[4], const bool (&read)[4],
-                                             Packed<VEC, T> (&v)[4]) {
+__device__ __forceinline__ void load_corners(const T* data, uint32_t row, const uint32_t (&pos)[4],
+                                             const bool (&read)[4], Packed<VEC, T> (&v)[4]) {
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
-    const T* at = at_position<BYTES>(data, pos[k], row);
-    if (!read[k]) {
-      v[k] = Packed<VEC, T>{};
-    } else if (pos[k] >= cached_begin) {
-      v[k] = load_packed<VEC>(at);
-    } else {
-      v[k] = load_packed_l2<VEC>(at);
-    }
+    v[k] = read[k] ? load_packed<VEC>(at_position<BYTES>(data, pos[k], row)) : Packed<VEC, T>{};
   }
 }
 
@@ -389,8 +378,7 @@ __global__ void __launch_bounds__(kBlock, kForwardBlocks)
             for (int k = 0; k < 4; ++k) {
               read[k] = has_channels && sh[i].scaled[k] != A(0);
             }
-            // All through L1: at 64 registers, the split spills.
-            load_corners<VEC, ONE_PASS>(value_nm + d, g.row, 0, sh[i].pos, read, v[i]);
+            load_corners<VEC, ONE_PASS>(value_nm + d, g.row, sh[i].pos, read, v[i]);
           }
 #pragma unroll
           for (int i = 0; i < kInFlight; ++i) {
@@ -477,8 +465,7 @@ __global__ void __launch_bounds__(kBlock, kBackwardBlocks)
             for (int k = 0; k < 4; ++k) {
               read[k] = sh[i].pos[k] != kNoCorner;
             }
-            load_corners<VEC, ONE_PASS>(value_nm + d, g.row, a.cached_begin, sh[i].pos, read,
-                                        v[i]);
+            load_corners<VEC, ONE_PASS>(value_nm + d, g.row, sh[i].pos, read, v[i]);
           }
 #pragma unroll
           for (int i = 0; i < kInFlight; ++i) {
@@ -632,13 +619,6 @@ inline bool valid_inputs(const MsdaInputs& in) {
          stored_as_value_or_float(in.weights_dtype, in.value_dtype);
 }
 
-// Bytes of one (n, m) pair's value rows, at the end of the value (the smallest
-// levels, in the usual order of the levels), whose corners the backward reads
-// through L1 (256 KiB per SM on an H100, less the shared memory): the blocks
-// that an SM runs at once are neighbouring queries of one pair, and the most
-// samples land per position there. The other corners are read from L2 only.
-constexpr int64_t kL1Bytes = int64_t{128} << 10;
-
 template <typename T>
 Args<T> make_args(const MsdaInputs& in, const Layout& lay) {
   Args<T> a;
@@ -651,10 +631,6 @@ Args<T> make_args(const MsdaInputs& in, const Layout& lay) {
   a.weights = in.attention_weights;
   a.locations_float = in.locations_dtype == Dtype::kFloat32;
   a.weights_float = in.weights_dtype == Dtype::kFloat32;
-  const int64_t row_bytes = in.sizes.channels * static_cast<int64_t>(sizeof(T));
-  const int64_t cached = row_bytes > 0 ? kL1Bytes / row_bytes : in.sizes.spatial;
-  a.cached_begin =
-      static_cast<uint32_t>(in.sizes.spatial > cached ? in.sizes.spatial - cached : 0);
   return a;
 }
 
