@@ -64,9 +64,10 @@ constexpr int kBlock = 256;
 
 // Resident blocks per SM the kernels are compiled for (their register budget,
 // chosen so that nothing spills: scripts/check_cuda_compile.py): the forward
-// with kInFlight samples' loads in flight fits 64 registers, the backward 128.
+// with kForwardInFlight samples' loads in flight fits 64 registers, the
+// backward with kBackwardInFlight 80.
 constexpr int kForwardBlocks = 4;
-constexpr int kBackwardBlocks = 2;
+constexpr int kBackwardBlocks = 3;
 
 // Vector shape of the fast path for values of type T whose value gradient is
 // accumulated in G (the forward uses G = T): VEC elements per load, with
@@ -231,9 +232,12 @@ __device__ __forceinline__ Shared<A> receive(const Sample<A>& mine, int owner, i
 }
 
 // Samples whose corner loads a lane issues together, before using any: the
-// gathers are latency-bound, and one sample's four loads at a time left the
-// memory system idle between samples.
-constexpr int kInFlight = 2;
+// forward's gathers are latency-bound, and one sample's four loads at a time
+// left the memory system idle between samples. The backward, bound by L2
+// throughput, keeps more warps resident instead (three blocks per SM with one
+// sample in flight, against two with two).
+constexpr int kForwardInFlight = 2;
+constexpr int kBackwardInFlight = 1;
 
 // An opaque copy of the offset `x`: the compiler cannot fold the sizes that
 // made it into the offsets added to it later, so that at_position stays one
@@ -367,11 +371,11 @@ __global__ void __launch_bounds__(kBlock, kForwardBlocks)
       for (int64_t r0 = 0; r0 < g.rounds; r0 += int64_t{1} << lay.log_s) {
         const Sample<A> mine = round_sample<A, false, T, A>(a, g, pos, r0);
         const int count = round_count(g, lay.log_c, r0);
-        for (int first = 0; first < count; first += kInFlight) {
-          Shared<A> sh[kInFlight];
-          Packed<VEC, T> v[kInFlight][4];
+        for (int first = 0; first < count; first += kForwardInFlight) {
+          Shared<A> sh[kForwardInFlight];
+          Packed<VEC, T> v[kForwardInFlight][4];
 #pragma unroll
-          for (int i = 0; i < kInFlight; ++i) {
+          for (int i = 0; i < kForwardInFlight; ++i) {
             sh[i] = receive(mine, first + i, count, g.lanes);
             bool read[4];
 #pragma unroll
@@ -381,7 +385,7 @@ __global__ void __launch_bounds__(kBlock, kForwardBlocks)
             load_corners<VEC, ONE_PASS>(value_nm + d, g.row, sh[i].pos, read, v[i]);
           }
 #pragma unroll
-          for (int i = 0; i < kInFlight; ++i) {
+          for (int i = 0; i < kForwardInFlight; ++i) {
 #pragma unroll
             for (int k = 0; k < 4; ++k) {
               A corner[VEC];
@@ -440,13 +444,13 @@ __global__ void __launch_bounds__(kBlock, kBackwardBlocks)
       A grad_a = A(0);  // of the owned sample: d loss / d attention weight,
       A grad_y = A(0);  // d loss / d y (pixels) / attention weight,
       A grad_x = A(0);  // d loss / d x (pixels) / attention weight
-      for (int first = 0; first < count; first += kInFlight) {
-        Shared<A> sh[kInFlight];
+      for (int first = 0; first < count; first += kBackwardInFlight) {
+        Shared<A> sh[kBackwardInFlight];
 #pragma unroll
-        for (int i = 0; i < kInFlight; ++i) {
+        for (int i = 0; i < kBackwardInFlight; ++i) {
           sh[i] = receive(mine, first + i, count, g.lanes);
         }
-        A dot[kInFlight][4] = {};  // this lane's part of (corner value) . grad_output
+        A dot[kBackwardInFlight][4] = {};  // this lane's part of (corner value) . grad_output
         for (int pass = 0; pass < passes; ++pass) {
           const int64_t d = first_channel<VEC>(pass, g.lane_c, lay.log_c);
           if (d >= s.channels) {
@@ -457,9 +461,9 @@ __global__ void __launch_bounds__(kBlock, kBackwardBlocks)
               load_vec_streaming<VEC>(grad_out + d, go);
             }
           }
-          Packed<VEC, T> v[kInFlight][4];
+          Packed<VEC, T> v[kBackwardInFlight][4];
 #pragma unroll
-          for (int i = 0; i < kInFlight; ++i) {
+          for (int i = 0; i < kBackwardInFlight; ++i) {
             bool read[4];
 #pragma unroll
             for (int k = 0; k < 4; ++k) {
@@ -468,7 +472,7 @@ __global__ void __launch_bounds__(kBlock, kBackwardBlocks)
             load_corners<VEC, ONE_PASS>(value_nm + d, g.row, sh[i].pos, read, v[i]);
           }
 #pragma unroll
-          for (int i = 0; i < kInFlight; ++i) {
+          for (int i = 0; i < kBackwardInFlight; ++i) {
 #pragma unroll
             for (int k = 0; k < 4; ++k) {
               A corner[VEC];
@@ -490,7 +494,7 @@ __global__ void __launch_bounds__(kBlock, kBackwardBlocks)
           }
         }
 #pragma unroll
-        for (int i = 0; i < kInFlight; ++i) {
+        for (int i = 0; i < kBackwardInFlight; ++i) {
 #pragma unroll
           for (int k = 0; k < 4; ++k) {
             dot[i][k] = lane_sum(dot[i][k], 1, g.lanes);
