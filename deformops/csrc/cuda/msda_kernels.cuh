@@ -64,10 +64,15 @@ constexpr int kBlock = 256;
 
 // Resident blocks per SM the kernels are compiled for (their register budget,
 // chosen so that nothing spills: scripts/check_cuda_compile.py): the forward
-// with kForwardInFlight samples' loads in flight fits 64 registers, the
-// backward with kBackwardInFlight 80.
+// with kForwardInFlight samples' loads in flight fits 64 registers; the
+// backward with kBackwardInFlight fits 80 on sm_90 (three blocks), and 128 on
+// older GPUs, whose reductions without vector atomics take more registers.
 constexpr int kForwardBlocks = 4;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+constexpr int kBackwardBlocks = 2;
+#else
 constexpr int kBackwardBlocks = 3;
+#endif
 
 // Vector shape of the fast path for values of type T whose value gradient is
 // accumulated in G (the forward uses G = T): VEC elements per load, with
