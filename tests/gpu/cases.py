@@ -14,6 +14,7 @@ MSDA_CASES = [
     (((9, 11),), 7, 4, 48, 3),
     (((8, 8), (4, 4)), 17, 2, 64, 5),
     (((4, 5), (2, 3)), 5, 1, 256, 2),
+    (((6, 5), (3, 3), (2, 2)), 11, 2, 32, 4),
 ]
 
 # (N, C_in, C_out, H, W, (kh, kw), stride, padding, dilation, groups, offset_groups, mask, bias)

@@ -82,6 +82,13 @@ template <>
 struct Word<16> {
   using type = uint4;
 };
+// 32 bytes: two 16-byte words, accessed with two instructions.
+template <>
+struct Word<32> {
+  struct type {
+    uint4 lo, hi;
+  };
+};
 
 // Widens the N elements of type T packed in `word` to A.
 template <int N, typename T, typename A, typename W>
@@ -98,11 +105,18 @@ __device__ __forceinline__ void unpack_vec(const W& word, A (&out)[N]) {
 template <int N, typename T>
 using Packed = typename Word<N * static_cast<int>(sizeof(T))>::type;
 
-// Loads N consecutive elements at `p` (aligned to N * sizeof(T)) in one
-// instruction through the read-only cache, packed.
+// Loads N consecutive elements at `p` (aligned to N * sizeof(T), or to 16
+// bytes for 32 of them) in one instruction (two for 32 bytes) through the
+// read-only cache, packed.
 template <int N, typename T>
 __device__ __forceinline__ Packed<N, T> load_packed(const T* p) {
-  return __ldg(reinterpret_cast<const Packed<N, T>*>(p));
+  using W = Packed<N, T>;
+  if constexpr (sizeof(W) == 32) {
+    const uint4* q = reinterpret_cast<const uint4*>(p);
+    return W{__ldg(q), __ldg(q + 1)};
+  } else {
+    return __ldg(reinterpret_cast<const W*>(p));
+  }
 }
 
 // Loads N consecutive elements at `p` (aligned to N * sizeof(T)) in one
@@ -112,27 +126,54 @@ __device__ __forceinline__ void load_vec(const T* p, A (&out)[N]) {
   unpack_vec<N, T>(load_packed<N>(p), out);
 }
 
-// Loads N consecutive elements at `p` (aligned to N * sizeof(T)) in one
-// instruction, marked as streamed (read once: evicted first from L1 and L2).
+// Loads N consecutive elements at `p` (aligned to N * sizeof(T), or to 16
+// bytes for more) in one instruction per 16 bytes, marked as streamed (read
+// once: evicted first from L1 and L2).
 template <int N, typename T, typename A>
 __device__ __forceinline__ void load_vec_streaming(const T* p, A (&out)[N]) {
-  using W = typename Word<N * static_cast<int>(sizeof(T))>::type;
-  unpack_vec<N, T>(__ldcs(reinterpret_cast<const W*>(p)), out);
+  constexpr int kPiece = 16 / static_cast<int>(sizeof(T));
+  if constexpr (N > kPiece) {
+#pragma unroll
+    for (int j = 0; j < N; j += kPiece) {
+      A part[kPiece];
+      load_vec_streaming<kPiece>(p + j, part);
+#pragma unroll
+      for (int e = 0; e < kPiece; ++e) {
+        out[j + e] = part[e];
+      }
+    }
+  } else {
+    using W = typename Word<N * static_cast<int>(sizeof(T))>::type;
+    unpack_vec<N, T>(__ldcs(reinterpret_cast<const W*>(p)), out);
+  }
 }
 
-// Rounds N values to T and stores them at `p` (aligned to N * sizeof(T)) in one
-// instruction, marked as streamed.
+// Rounds N values to T and stores them at `p` (aligned to N * sizeof(T), or
+// to 16 bytes for more) in one instruction per 16 bytes, marked as streamed.
 template <int N, typename T, typename A>
 __device__ __forceinline__ void store_vec_streaming(T* p, const A (&in)[N]) {
-  using W = typename Word<N * static_cast<int>(sizeof(T))>::type;
-  T elements[N];
+  constexpr int kPiece = 16 / static_cast<int>(sizeof(T));
+  if constexpr (N > kPiece) {
 #pragma unroll
-  for (int k = 0; k < N; ++k) {
-    elements[k] = narrow<T>(in[k]);
+    for (int j = 0; j < N; j += kPiece) {
+      A part[kPiece];
+#pragma unroll
+      for (int e = 0; e < kPiece; ++e) {
+        part[e] = in[j + e];
+      }
+      store_vec_streaming<kPiece>(p + j, part);
+    }
+  } else {
+    using W = typename Word<N * static_cast<int>(sizeof(T))>::type;
+    T elements[N];
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      elements[k] = narrow<T>(in[k]);
+    }
+    W word;
+    memcpy(&word, elements, sizeof(word));
+    __stcs(reinterpret_cast<W*>(p), word);
   }
-  W word;
-  memcpy(&word, elements, sizeof(word));
-  __stcs(reinterpret_cast<W*>(p), word);
 }
 
 // Element `i` of an array stored as float (`is_float`) or as T, widened to A.

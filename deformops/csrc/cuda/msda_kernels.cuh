@@ -7,7 +7,8 @@
 // are ordered with q fastest, so that the threads resident on an SM at a time
 // mostly sample one head of one batch element and share its rows in L1 / L2.
 // A group has 2^log_c channel lanes, each owning VEC consecutive channels (one
-// vector of up to 16 bytes on the fast path), and 2^log_s point lanes that
+// vector of up to 16 bytes on the fast path, or two in the float32 forward's
+// wide lanes: wide_forward), and 2^log_s point lanes that
 // share out the L * P samples in rounds of one sample per channel lane.
 //
 // In a round, channel lane c computes the corners of sample (round * lanes + c)
@@ -64,7 +65,7 @@ constexpr int kBlock = 256;
 
 // Resident blocks per SM the kernels are compiled for (their register budget,
 // chosen so that nothing spills: scripts/check_cuda_compile.py): the forward
-// with kForwardInFlight samples' loads in flight fits 64 registers; the
+// with forward_in_flight() samples' loads in flight fits 64 registers; the
 // backward with kBackwardInFlight fits 80 on sm_90 (three blocks), and 128 on
 // older GPUs, whose reductions without vector atomics take more registers.
 constexpr int kForwardBlocks = 4;
@@ -75,18 +76,26 @@ constexpr int kBackwardBlocks = 3;
 #endif
 
 // Vector shape of the fast path for values of type T whose value gradient is
-// accumulated in G (the forward uses G = T): VEC elements per load, with
-// VEC * sizeof(T) and VEC * sizeof(G) at most 16 bytes, so that a lane's loads,
-// stores and vector atomics are single instructions and the lanes of a group
-// cover whole 32-byte sectors together (a half-precision value with a float32
-// gradient workspace reads 8 bytes and adds 16).
+// accumulated in G (the forward uses G = T): a lane owns VEC consecutive
+// channels, LANE_BYTES bytes of the wider of T and G (16: one load, store or
+// vector atomic; 32: two), so that the lanes of a group cover whole 32-byte
+// sectors together (a half-precision value with a float32 gradient workspace
+// reads VEC * 2 bytes and adds VEC * 4).
 // float64 takes the generic path only (it serves gradcheck, not speed).
-template <typename T, typename G>
+template <typename T, typename G, int LANE_BYTES>
 struct FastShape {
-  static constexpr int kVec =
-      sizeof(T) == 8 ? 1 : 16 / static_cast<int>(sizeof(T) > sizeof(G) ? sizeof(T) : sizeof(G));
+  static constexpr int kWidest = static_cast<int>(sizeof(T) > sizeof(G) ? sizeof(T) : sizeof(G));
+  static constexpr int kVec = sizeof(T) == 8 ? 1 : LANE_BYTES / kWidest;
   static constexpr bool kEnabled = sizeof(T) < 8;
 };
+
+// The backward's lanes take 16 bytes (two 16-byte reductions per lane would
+// cover half of each sector per instruction); so do the forward's, but for the
+// float32 rows that wide_forward picks.
+template <typename T, typename G>
+using NarrowShape = FastShape<T, G, 16>;
+template <typename T>
+using WideShape = FastShape<T, T, 32>;
 
 // How threads map onto the problem (see the file comment).
 struct Layout {
@@ -241,8 +250,14 @@ __device__ __forceinline__ Shared<A> receive(const Sample<A>& mine, int owner, i
 // left the memory system idle between samples. The backward, bound by L2
 // throughput, keeps more warps resident instead (three blocks per SM with one
 // sample in flight, against two with two).
-constexpr int kForwardInFlight = 2;
 constexpr int kBackwardInFlight = 1;
+
+// Samples in flight in the forward: two, or one where a lane's vector takes 32
+// bytes (the same bytes in flight, in the 64 registers of four blocks per SM).
+template <typename T, int VEC>
+__host__ __device__ constexpr int forward_in_flight() {
+  return VEC * sizeof(T) > 16 ? 1 : 2;
+}
 
 // An opaque copy of the offset `x`: the compiler cannot fold the sizes that
 // made it into the offsets added to it later, so that at_position stays one
@@ -361,6 +376,7 @@ template <typename T, int VEC, bool ONE_PASS>
 __global__ void __launch_bounds__(kBlock, kForwardBlocks)
     msda_forward_kernel(const Args<T> a, T* __restrict__ output) {
   using A = acc_type<T>;
+  constexpr int kInFlight = forward_in_flight<T, VEC>();
   const MsdaSizes& s = a.s;
   const Layout& lay = a.lay;
   const GroupLanes g = group_lanes(s, lay);
@@ -376,11 +392,11 @@ __global__ void __launch_bounds__(kBlock, kForwardBlocks)
       for (int64_t r0 = 0; r0 < g.rounds; r0 += int64_t{1} << lay.log_s) {
         const Sample<A> mine = round_sample<A, false, T, A>(a, g, pos, r0);
         const int count = round_count(g, lay.log_c, r0);
-        for (int first = 0; first < count; first += kForwardInFlight) {
-          Shared<A> sh[kForwardInFlight];
-          Packed<VEC, T> v[kForwardInFlight][4];
+        for (int first = 0; first < count; first += kInFlight) {
+          Shared<A> sh[kInFlight];
+          Packed<VEC, T> v[kInFlight][4];
 #pragma unroll
-          for (int i = 0; i < kForwardInFlight; ++i) {
+          for (int i = 0; i < kInFlight; ++i) {
             sh[i] = receive(mine, first + i, count, g.lanes);
             bool read[4];
 #pragma unroll
@@ -390,7 +406,7 @@ __global__ void __launch_bounds__(kBlock, kForwardBlocks)
             load_corners<VEC, ONE_PASS>(value_nm + d, g.row, sh[i].pos, read, v[i]);
           }
 #pragma unroll
-          for (int i = 0; i < kForwardInFlight; ++i) {
+          for (int i = 0; i < kInFlight; ++i) {
 #pragma unroll
             for (int k = 0; k < 4; ++k) {
               A corner[VEC];
@@ -643,10 +659,48 @@ Args<T> make_args(const MsdaInputs& in, const Layout& lay) {
   return a;
 }
 
-template <typename T, typename G>
+template <typename F>
 constexpr int fast_lane_channels() {
-  using F = FastShape<T, G>;
   return F::kEnabled ? F::kVec : 0;
+}
+
+// Whether the forward takes float32 values in lanes of 32 bytes (WideShape):
+// where that leaves fewer owner lanes idle in a row's last round of samples.
+// m2f_enc (D = 32, L * P = 12): four lanes of 32 bytes fill three rounds, where
+// eight of 16 bytes take two rounds with four owners idle in the second; the
+// owners' corner computations and the shuffles that share them are most of the
+// forward's instructions. detr_enc (L * P = 16) fills both, and keeps 16 bytes
+// with two samples in flight.
+template <typename T>
+bool wide_forward(const MsdaSizes& s) {
+  if (sizeof(T) != 4 || s.channels % WideShape<T>::kVec != 0 ||
+      !small_power_of_two(s.channels / WideShape<T>::kVec)) {
+    return false;
+  }
+  const int64_t samples = s.levels * s.points;
+  const auto owner_slots = [samples](int64_t lanes) {
+    return (samples + lanes - 1) / lanes * lanes;
+  };
+  return owner_slots(s.channels / WideShape<T>::kVec) <
+         owner_slots(s.channels / NarrowShape<T, T>::kVec);
+}
+
+template <typename T, typename F>
+cudaError_t launch_forward(const MsdaInputs& in, T* output, bool aligned, cudaStream_t stream) {
+  const Layout lay = make_layout(in.sizes, fast_lane_channels<F>(), sizeof(T), aligned);
+  if (lay.threads == 0 || in.sizes.channels == 0) {
+    return cudaSuccess;
+  }
+  const Args<T> a = make_args<T>(in, lay);
+  const unsigned int grid = grid_for(lay.threads);
+  if constexpr (F::kEnabled) {
+    if (lay.fast) {
+      msda_forward_kernel<T, F::kVec, true><<<grid, kBlock, 0, stream>>>(a, output);
+      return cudaGetLastError();
+    }
+  }
+  msda_forward_kernel<T, 1, false><<<grid, kBlock, 0, stream>>>(a, output);
+  return cudaGetLastError();
 }
 
 template <typename T>
@@ -655,35 +709,26 @@ cudaError_t forward(const MsdaInputs& in, void* output, cudaStream_t stream) {
     return cudaErrorInvalidValue;
   }
   const bool aligned = is_aligned(in.value, 16) && is_aligned(output, 16);
-  const Layout lay = make_layout(in.sizes, fast_lane_channels<T, T>(), sizeof(T), aligned);
-  if (lay.threads == 0 || in.sizes.channels == 0) {
-    return cudaSuccess;
-  }
-  const Args<T> a = make_args<T>(in, lay);
   T* out = static_cast<T*>(output);
-  const unsigned int grid = grid_for(lay.threads);
-  using F = FastShape<T, T>;
-  if constexpr (F::kEnabled) {
-    if (lay.fast) {
-      msda_forward_kernel<T, F::kVec, true><<<grid, kBlock, 0, stream>>>(a, out);
-      return cudaGetLastError();
+  if constexpr (sizeof(T) == 4) {
+    if (wide_forward<T>(in.sizes)) {
+      return launch_forward<T, WideShape<T>>(in, out, aligned, stream);
     }
   }
-  msda_forward_kernel<T, 1, false><<<grid, kBlock, 0, stream>>>(a, out);
-  return cudaGetLastError();
+  return launch_forward<T, NarrowShape<T, T>>(in, out, aligned, stream);
 }
 
 template <typename T, typename G>
 cudaError_t launch_backward(const MsdaInputs& in, const T* grad_output, G* grad_value,
                             const MsdaGrads& grads, bool aligned, cudaStream_t stream) {
-  const Layout lay = make_layout(in.sizes, fast_lane_channels<T, G>(),
+  const Layout lay = make_layout(in.sizes, fast_lane_channels<NarrowShape<T, G>>(),
                                  sizeof(T) > sizeof(G) ? sizeof(T) : sizeof(G), aligned);
   if (lay.threads == 0) {
     return cudaSuccess;
   }
   const Args<T> a = make_args<T>(in, lay);
   const unsigned int grid = grid_for(lay.threads);
-  using F = FastShape<T, G>;
+  using F = NarrowShape<T, G>;
   if constexpr (F::kEnabled) {
     if (lay.fast) {
       msda_backward_kernel<T, G, F::kVec, true><<<grid, kBlock, 0, stream>>>(
