@@ -664,7 +664,8 @@ constexpr int fast_lane_channels() {
   return F::kEnabled ? F::kVec : 0;
 }
 
-// Whether the forward takes float32 values in lanes of 32 bytes (WideShape):
+// Whether the forward takes float32 values (T, which forward() instantiates
+// this for) in lanes of 32 bytes (WideShape):
 // where that leaves fewer owner lanes idle in a row's last round of samples.
 // m2f_enc (D = 32, L * P = 12): four lanes of 32 bytes fill three rounds, where
 // eight of 16 bytes take two rounds with four owners idle in the second; the
@@ -673,7 +674,7 @@ constexpr int fast_lane_channels() {
 // with two samples in flight.
 template <typename T>
 bool wide_forward(const MsdaSizes& s) {
-  if (sizeof(T) != 4 || s.channels % WideShape<T>::kVec != 0 ||
+  if (s.channels % WideShape<T>::kVec != 0 ||
       !small_power_of_two(s.channels / WideShape<T>::kVec)) {
     return false;
   }
@@ -721,14 +722,13 @@ cudaError_t forward(const MsdaInputs& in, void* output, cudaStream_t stream) {
 template <typename T, typename G>
 cudaError_t launch_backward(const MsdaInputs& in, const T* grad_output, G* grad_value,
                             const MsdaGrads& grads, bool aligned, cudaStream_t stream) {
-  const Layout lay = make_layout(in.sizes, fast_lane_channels<NarrowShape<T, G>>(),
-                                 sizeof(T) > sizeof(G) ? sizeof(T) : sizeof(G), aligned);
+  using F = NarrowShape<T, G>;
+  const Layout lay = make_layout(in.sizes, fast_lane_channels<F>(), F::kWidest, aligned);
   if (lay.threads == 0) {
     return cudaSuccess;
   }
   const Args<T> a = make_args<T>(in, lay);
   const unsigned int grid = grid_for(lay.threads);
-  using F = NarrowShape<T, G>;
   if constexpr (F::kEnabled) {
     if (lay.fast) {
       msda_backward_kernel<T, G, F::kVec, true><<<grid, kBlock, 0, stream>>>(
