@@ -126,26 +126,13 @@ __device__ __forceinline__ void load_vec(const T* p, A (&out)[N]) {
   unpack_vec<N, T>(load_packed<N>(p), out);
 }
 
-// Loads N consecutive elements at `p` (aligned to N * sizeof(T), or to 16
-// bytes for more) in one instruction per 16 bytes, marked as streamed (read
-// once: evicted first from L1 and L2).
+// Loads N consecutive elements at `p` (aligned to N * sizeof(T), at most 16
+// bytes) in one instruction, marked as streamed (read once: evicted first from
+// L1 and L2).
 template <int N, typename T, typename A>
 __device__ __forceinline__ void load_vec_streaming(const T* p, A (&out)[N]) {
-  constexpr int kPiece = 16 / static_cast<int>(sizeof(T));
-  if constexpr (N > kPiece) {
-#pragma unroll
-    for (int j = 0; j < N; j += kPiece) {
-      A part[kPiece];
-      load_vec_streaming<kPiece>(p + j, part);
-#pragma unroll
-      for (int e = 0; e < kPiece; ++e) {
-        out[j + e] = part[e];
-      }
-    }
-  } else {
-    using W = typename Word<N * static_cast<int>(sizeof(T))>::type;
-    unpack_vec<N, T>(__ldcs(reinterpret_cast<const W*>(p)), out);
-  }
+  using W = typename Word<N * static_cast<int>(sizeof(T))>::type;
+  unpack_vec<N, T>(__ldcs(reinterpret_cast<const W*>(p)), out);
 }
 
 // Rounds N values to T and stores them at `p` (aligned to N * sizeof(T), or
