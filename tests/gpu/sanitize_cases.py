@@ -24,6 +24,13 @@ def run_all_cases() -> None:
                 tensors[0], shapes, starts, *tensors[1:]
             )
             out.backward(torch.randn_like(out))
+        # Non-finite attention weights: the backward must not add at corners it skips.
+        value, shapes, starts, loc, weights = msda_inputs(MSDA_CASES[2], "cuda", dtype)
+        weights[0, :, :, 0, 0] = float("nan")
+        weights[0, :, :, 1, 0] = float("inf")
+        tensors = [t.requires_grad_() for t in (value, loc, weights)]
+        out = deformops.multi_scale_deformable_attention(tensors[0], shapes, starts, *tensors[1:])
+        out.backward(torch.randn_like(out))
         for case in CONV_CASES:
             kwargs = conv_inputs(case, "cuda", dtype)
             for key in ("input", "offset", "weight", "mask", "bias"):

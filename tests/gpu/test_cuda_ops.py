@@ -102,6 +102,30 @@ def test_conv_matches_float64(case, dtype, channels_last):
         assert _relative_error(r, e) <= TOLERANCE[dtype], name
 
 
+def test_msda_non_finite_attention_weights():
+    """NaN and infinite attention weights in image 0 give NaN gradients there, and the
+    backward adds nothing at the corners it does not read (off the map), so nothing is
+    written out of bounds; image 1, all finite, matches the float64 reference."""
+    value, shapes, starts, loc, weights = msda_inputs(MSDA_CASES[2], "cuda", torch.float32)
+    weights[0, :, :, 0, 0] = float("nan")
+    weights[0, :, :, 1, 0] = float("inf")
+
+    def op(v, lo, w):
+        return deformops.multi_scale_deformable_attention(v, shapes, starts, lo, w)
+
+    def op64(v, lo, w):
+        return reference.multi_scale_deformable_attention(v, shapes.cpu(), starts.cpu(), lo, w)
+
+    results = _forward_backward(op, [value, loc, weights])
+    torch.cuda.synchronize()
+    expected = _forward_backward(op64, [t.double().cpu() for t in (value, loc, weights)])
+    for name, r, e in zip(
+        ("output", "value", "locations", "weights"), results, expected, strict=True
+    ):
+        assert _relative_error(r[1], e[1]) <= TOLERANCE[torch.float32], name
+    assert torch.isnan(results[1][0]).any()
+
+
 def test_msda_in_cuda_graph_on_side_stream():
     value, shapes, starts, loc, weights = msda_inputs(MSDA_CASES[2], "cuda", torch.float32)
 

@@ -193,7 +193,9 @@ __device__ __forceinline__ Sample<A> owner_sample(const Args<T>& a, int64_t nqm,
     smp.weight[k] = static_cast<A>(c.weight[k]);
     smp.dweight_dy[k] = static_cast<A>(c.dweight_dy[k]);
     smp.dweight_dx[k] = static_cast<A>(c.dweight_dx[k]);
-    smp.scaled[k] = smp.attention * smp.weight[k];
+    // 0, not attention * 0, for a corner not read: a NaN or infinite attention weight
+    // must not make the scatter add at kNoCorner.
+    smp.scaled[k] = read ? smp.attention * smp.weight[k] : A(0);
   }
   return smp;
 }
