@@ -15,22 +15,21 @@ import deformops
 from deformops import ops
 
 
+def msda_forward_backward(value, shapes, starts, loc, weights) -> None:
+    tensors = [t.requires_grad_() for t in (value, loc, weights)]
+    out = deformops.multi_scale_deformable_attention(tensors[0], shapes, starts, *tensors[1:])
+    out.backward(torch.randn_like(out))
+
+
 def run_all_cases() -> None:
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for case in MSDA_CASES:
-            value, shapes, starts, loc, weights = msda_inputs(case, "cuda", dtype)
-            tensors = [t.requires_grad_() for t in (value, loc, weights)]
-            out = deformops.multi_scale_deformable_attention(
-                tensors[0], shapes, starts, *tensors[1:]
-            )
-            out.backward(torch.randn_like(out))
+            msda_forward_backward(*msda_inputs(case, "cuda", dtype))
         # Non-finite attention weights: the backward must not add at corners it skips.
         value, shapes, starts, loc, weights = msda_inputs(MSDA_CASES[2], "cuda", dtype)
         weights[0, :, :, 0, 0] = float("nan")
         weights[0, :, :, 1, 0] = float("inf")
-        tensors = [t.requires_grad_() for t in (value, loc, weights)]
-        out = deformops.multi_scale_deformable_attention(tensors[0], shapes, starts, *tensors[1:])
-        out.backward(torch.randn_like(out))
+        msda_forward_backward(value, shapes, starts, loc, weights)
         for case in CONV_CASES:
             kwargs = conv_inputs(case, "cuda", dtype)
             for key in ("input", "offset", "weight", "mask", "bias"):
