@@ -49,6 +49,15 @@ def msda_inputs(case, device: str, dtype: torch.dtype, loc_dtype: torch.dtype | 
     return value, shapes, starts, loc, weights
 
 
+def msda_non_finite_inputs(dtype: torch.dtype):
+    """``msda_inputs`` of MSDA_CASES[2] on CUDA with NaN and infinite attention weights in
+    image 0 (image 1 all finite)."""
+    value, shapes, starts, loc, weights = msda_inputs(MSDA_CASES[2], "cuda", dtype)
+    weights[0, :, :, 0, 0] = float("nan")
+    weights[0, :, :, 1, 0] = float("inf")
+    return value, shapes, starts, loc, weights
+
+
 def conv_inputs(case, device: str, dtype: torch.dtype) -> dict[str, Tensor | int | None]:
     """Keyword arguments of ``deformops.deform_conv2d`` with offsets of 2 pixels' spread."""
     n, c_in, c_out, h, w, (kh, kw), stride, padding, dilation, groups, og, mask, bias = case

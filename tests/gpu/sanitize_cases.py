@@ -9,7 +9,15 @@ import os
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS call
 
 import torch
-from cases import CONV_CASES, MSDA_CASES, ROI_CASES, conv_inputs, msda_inputs, roi_inputs
+from cases import (
+    CONV_CASES,
+    MSDA_CASES,
+    ROI_CASES,
+    conv_inputs,
+    msda_inputs,
+    msda_non_finite_inputs,
+    roi_inputs,
+)
 
 import deformops
 from deformops import ops
@@ -26,10 +34,7 @@ def run_all_cases() -> None:
         for case in MSDA_CASES:
             msda_forward_backward(*msda_inputs(case, "cuda", dtype))
         # Non-finite attention weights: the backward must not add at corners it skips.
-        value, shapes, starts, loc, weights = msda_inputs(MSDA_CASES[2], "cuda", dtype)
-        weights[0, :, :, 0, 0] = float("nan")
-        weights[0, :, :, 1, 0] = float("inf")
-        msda_forward_backward(value, shapes, starts, loc, weights)
+        msda_forward_backward(*msda_non_finite_inputs(dtype))
         for case in CONV_CASES:
             kwargs = conv_inputs(case, "cuda", dtype)
             for key in ("input", "offset", "weight", "mask", "bias"):

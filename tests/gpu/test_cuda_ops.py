@@ -6,7 +6,7 @@ from __future__ import annotations
 import naive
 import pytest
 import torch
-from cases import CONV_CASES, MSDA_CASES, conv_inputs, msda_inputs
+from cases import CONV_CASES, MSDA_CASES, conv_inputs, msda_inputs, msda_non_finite_inputs
 from conftest import make_conv_inputs, make_msda_inputs
 
 import deformops
@@ -106,9 +106,7 @@ def test_msda_non_finite_attention_weights():
     """NaN and infinite attention weights in image 0 give NaN gradients there, and the
     backward adds nothing at the corners it does not read (off the map), so nothing is
     written out of bounds; image 1, all finite, matches the float64 reference."""
-    value, shapes, starts, loc, weights = msda_inputs(MSDA_CASES[2], "cuda", torch.float32)
-    weights[0, :, :, 0, 0] = float("nan")
-    weights[0, :, :, 1, 0] = float("inf")
+    value, shapes, starts, loc, weights = msda_non_finite_inputs(torch.float32)
 
     def op(v, lo, w):
         return deformops.multi_scale_deformable_attention(v, shapes, starts, lo, w)
