@@ -7,9 +7,10 @@ computed in float32 and the results cast back, so that reductions accumulate in 
 The sampling is written with vectorised gathers of the four bilinear corners (no Python
 loop over pixels, kernel points or sampling points). Work is split into chunks (over the
 batch for the convolution, over queries for the attention, over RoIs and their samples for
-the RoI pooling) so that at most one buffer of the size (output pixels x kernel points x
-channels) of one chunk is alive at a time, and a chunk holds at most
-:data:`CHUNK_ELEMENTS` such elements.
+the RoI pooling) so that at most two buffers of the size (output pixels x kernel points x
+channels) of one chunk are alive at a time (a gathered corner and the running sum), and a
+chunk holds at most :data:`CHUNK_ELEMENTS` such elements. A corner outside the map reads
+a zero appended to the values, never a value of the map.
 """
 
 from __future__ import annotations
@@ -48,15 +49,20 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _bilinear_corners(y: Tensor, x: Tensor, height: Tensor, width: Tensor):
-    """Yield ``(flat_index, weight)`` for the four bilinear corners of ``(y, x)``.
+    """Yield ``(flat_index, weight, inside)`` for the four bilinear corners of ``(y, x)``.
 
     ``flat_index`` is ``y_corner * width + x_corner`` (0 where the corner is outside the
-    map) and ``weight`` the interpolation weight, zero outside the map, so corners outside
-    contribute nothing (zero padding). A point at or beyond one pixel outside the map has
-    zero weights, hence zero gradient, as in the native kernels (``sampling.h``).
-    ``height`` and ``width`` broadcast against ``y``.
+    map), ``weight`` the interpolation weight (zero outside the map) and ``inside`` whether
+    the corner is on the map. Callers read only the corners inside and take zero for the
+    others (zero padding), so that a value they do not cover, even NaN or infinite, never
+    reaches the result. A point at or beyond one pixel outside the map, or with a
+    coordinate that is not finite, has no corner inside and zero gradient, as in the
+    native kernels (``sampling.h``). ``height`` and ``width`` broadcast against ``y``.
     """
     on_map = (y > -1) & (y < height) & (x > -1) & (x < width)
+    # A finite stand-in off the map keeps the weights, and so every gradient, finite.
+    y = torch.where(on_map, y, -2.0)
+    x = torch.where(on_map, x, -2.0)
     y0 = torch.floor(y)
     x0 = torch.floor(x)
     ly = y - y0
@@ -67,8 +73,16 @@ def _bilinear_corners(y: Tensor, x: Tensor, height: Tensor, width: Tensor):
         for dx, wx in ((0, 1 - lx), (1, lx)):
             xc = x0 + dx
             inside = inside_y & (xc >= 0) & (xc <= width - 1)
+            inside = inside & on_map
             index = torch.where(inside, yc * width + xc, torch.zeros_like(yc))
-            yield index.long(), wy * wx * (inside & on_map)
+            yield index.long(), wy * wx * inside, inside
+
+
+def _zero_padded(values: Tensor, dim: int) -> Tensor:
+    """``values`` with one more position of zeros at the end of ``dim``."""
+    shape = list(values.shape)
+    shape[dim] = 1
+    return torch.cat([values, values.new_zeros(shape)], dim)
 
 
 @contextlib.contextmanager
@@ -118,17 +132,19 @@ def _conv_columns(
     y = ky.view(k, 1, 1) + base_y + off[:, :, :, 0]
     x = kx.view(k, 1, 1) + base_x + off[:, :, :, 1]
     points = k * h_out * w_out
-    values = input.reshape(n, groups, c_in // groups, height * width)
+    # Position height * width of each plane is a zero, read by the corners outside the map.
+    values = _zero_padded(input.reshape(n, groups, c_in // groups, height * width), 3)
     columns = input.new_zeros(n, groups, c_in // groups, points)
-    for index, weight in _bilinear_corners(y, x, float(height), float(width)):
-        if mask is not None:
-            weight = weight * mask.reshape(n, groups, k, h_out, w_out)
+    for index, weight, inside in _bilinear_corners(y, x, float(height), float(width)):
+        index = torch.where(inside, index, height * width)
         gathered = torch.gather(
             values,
             3,
             index.reshape(n, groups, 1, points).expand(n, groups, c_in // groups, points),
         )
-        columns = columns + gathered * weight.reshape(n, groups, 1, points)
+        columns.addcmul_(gathered, weight.reshape(n, groups, 1, points))
+    if mask is not None:  # the mask scales the sample, as in the native kernels
+        columns = columns * mask.reshape(n, groups, 1, points)
     return columns.view(n, c_in, k, h_out * w_out)
 
 
@@ -287,20 +303,19 @@ def _msda_chunk(
     start = level_start_index.to(device=value.device).reshape(1, 1, 1, levels, 1)
     x = sampling_locations[..., 0].to(cdt) * width - 0.5
     y = sampling_locations[..., 1].to(cdt) * height - 0.5
-    attn = attention_weights.to(cdt)
-    per_head = value.permute(0, 2, 1, 3)  # [N, M, S, D]
+    # [N, M, S + 1, D]: position S is a zero, read by the corners outside the map or the value.
+    per_head = _zero_padded(value.permute(0, 2, 1, 3), 2)
     samples = q * levels * points
-    out = value.new_zeros(n * m * q, 1, d)
-    for index, weight in _bilinear_corners(y, x, height, width):
+    sampled = value.new_zeros(n, m, samples, d)
+    for index, weight, inside in _bilinear_corners(y, x, height, width):
         flat = index + start
-        inside = (flat >= 0) & (flat < s)
-        flat = torch.where(inside, flat, torch.zeros_like(flat))
+        flat = torch.where(inside & (flat >= 0) & (flat < s), flat, s)
         flat = flat.permute(0, 2, 1, 3, 4).reshape(n, m, samples, 1).expand(n, m, samples, d)
         gathered = torch.gather(per_head, 2, flat)  # [N, M, Q*L*P, D]
-        coeff = (
-            (weight * attn * inside).permute(0, 2, 1, 3, 4).reshape(n * m * q, 1, levels * points)
-        )
-        out = out + torch.bmm(coeff, gathered.reshape(n * m * q, levels * points, d))
+        sampled.addcmul_(gathered, weight.permute(0, 2, 1, 3, 4).reshape(n, m, samples, 1))
+    # Each sample times its attention weight, as in the native kernels.
+    attn = attention_weights.to(cdt).permute(0, 2, 1, 3, 4).reshape(n * m * q, 1, levels * points)
+    out = torch.bmm(attn, sampled.view(n * m * q, levels * points, d))
     return out.view(n, m, q, d).permute(0, 2, 1, 3).reshape(n, q, m * d)
 
 
@@ -468,8 +483,8 @@ def _roi_pool_chunk(
 ) -> Tensor:
     """Deformable RoI pooling of one chunk of RoIs, ``[k, C, out_h, out_w]``.
 
-    ``values`` is the input as ``[N*H*W, C]`` in the compute dtype, ``shape`` its
-    ``(N, H, W)``; ``rois`` and ``offset`` are in the compute dtype.
+    ``values`` is the input as ``[N*H*W + 1, C]`` (``_roi_values``) in the compute dtype,
+    ``shape`` its ``(N, H, W)``; ``rois`` and ``offset`` are in the compute dtype.
     """
     batch, height, width = shape
     channels = values.shape[1]
@@ -505,9 +520,10 @@ def _roi_pool_chunk(
         y = _roi_align_coordinate(y, height)
         x = _roi_align_coordinate(x, width)
         samples = y.shape[1:].numel()
-        for index, weight in _bilinear_corners(y, x, float(height), float(width)):
-            flat = (image + index.reshape(k, samples)).reshape(-1)
-            gathered = values.index_select(0, flat).view(k, oh, ow, -1, channels)
+        for index, weight, inside in _bilinear_corners(y, x, float(height), float(width)):
+            read = (inside & used).reshape(k, samples)
+            flat = torch.where(read, image + index.reshape(k, samples), batch * height * width)
+            gathered = values.index_select(0, flat.reshape(-1)).view(k, oh, ow, -1, channels)
             coeff = (weight * used).view(k, oh, ow, -1, 1)
             out = out + (gathered * coeff).sum(3)
     out = out / grid["count"].view(k, 1, 1, 1)
@@ -515,8 +531,9 @@ def _roi_pool_chunk(
 
 
 def _roi_values(input: Tensor, cdt: torch.dtype) -> Tensor:
-    """The input ``[N, C, H, W]`` as ``[N*H*W, C]`` rows of channels, in ``cdt``."""
-    return input.to(cdt).permute(0, 2, 3, 1).reshape(-1, input.shape[1])
+    """The input ``[N, C, H, W]`` as ``[N*H*W + 1, C]`` rows of channels, in ``cdt``: the
+    last row is zeros, read by the corners outside the map and the samples not taken."""
+    return _zero_padded(input.to(cdt).permute(0, 2, 3, 1).reshape(-1, input.shape[1]), 0)
 
 
 def _roi_chunks(
@@ -617,7 +634,7 @@ def deform_roi_pool_backward(
     cdt = _compute_dtype(input.dtype)
     n, c, h, w = input.shape
     r = rois.detach().to(cdt)
-    grad_values = torch.zeros(n * h * w, c, dtype=cdt, device=input.device)
+    grad_values = torch.zeros(n * h * w + 1, c, dtype=cdt, device=input.device)
     grad_offset = None if offset is None else torch.zeros_like(offset, dtype=cdt)
     values = _roi_values(input.detach(), cdt).detach()
     for part in _roi_chunks(input, r, output_size, spatial_scale, sampling_ratio):
@@ -643,7 +660,7 @@ def deform_roi_pool_backward(
         grad_values += grads[0]
         if grad_offset is not None:
             grad_offset[part] = grads[1]
-    grad_input = grad_values.view(n, h, w, c).permute(0, 3, 1, 2).to(input.dtype)
+    grad_input = grad_values[:-1].view(n, h, w, c).permute(0, 3, 1, 2).to(input.dtype)
     return (
         grad_input.contiguous(memory_format=memory_format_of(input)),
         None if grad_offset is None else grad_offset.to(offset.dtype),

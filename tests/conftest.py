@@ -25,6 +25,19 @@ TOLERANCE = {
 
 BACKENDS = ("reference", "native")
 
+# Devices to parametrize over: CUDA where there is one (the GPU host runs the ``cuda``
+# marked tests; elsewhere they show as skipped).
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.cuda,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+        ],
+    ),
+]
+
 
 def _native_unavailable(reason: str) -> None:
     """Fails in CI (native must be tested there), skips locally."""

@@ -9,23 +9,12 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import deterministic_algorithms, make_conv_inputs, make_msda_inputs
+from conftest import DEVICES, deterministic_algorithms, make_conv_inputs, make_msda_inputs
 from test_deform_roi_pool import make_roi_inputs
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import deformops
-
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.cuda,
-            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-        ],
-    ),
-]
 
 # (public function, its floating arguments, random float64 keyword arguments)
 CASES: dict[str, tuple[Callable[..., torch.Tensor], tuple[str, ...], Callable[[], dict]]] = {
