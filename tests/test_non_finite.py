@@ -3,12 +3,7 @@
 - A sampling location (MSDA location, convolution offset, RoI bin offset) that is NaN or
   infinite samples zero and takes zero gradient, exactly as a location far outside the map.
 - A NaN or infinite value at a pixel that no sample covers reaches nothing: a corner
-  outside the map is zero, never the value at position 0 times a zero weight. The
-  reference and the CUDA MSDA and convolution kernels (which load only the corners they
-  use) hold to this; the kernels that read through sampling.h (every CPU kernel, the CUDA
-  RoI pooling) do not yet: they take the value at position 0 times a zero weight for such
-  a corner (dropping it cost the CPU backward 30-60% in a first attempt, branch
-  native-unread-corners). Those cases are expected failures, strict, so that a fix shows.
+  outside the map is zero, never the value at position 0 times a zero weight.
 - A NaN attention weight or mask scales its own sample only: the other outputs, and the
   value gradient away from that sample's four corners, are those of the finite inputs.
 """
@@ -167,16 +162,8 @@ def _uncovered_cases() -> dict[str, tuple[Callable, dict[str, Any], tuple[str, t
 @pytest.mark.parametrize("number", list(NON_FINITE))
 @pytest.mark.parametrize("op", ["msda", "conv", "roi"])
 def test_non_finite_value_no_sample_covers_reaches_nothing(
-    request: pytest.FixtureRequest,
-    backend: str,
-    op: str,
-    number: str,
-    dtype: torch.dtype,
-    device: str,
+    backend: str, op: str, number: str, dtype: torch.dtype, device: str
 ) -> None:
-    if backend == "native" and (device == "cpu" or op == "roi"):
-        reason = "known defect: sampling.h reads position 0 for corners outside (the CPU kernels, CUDA RoI pooling)"
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
     fn, args, (name, entry), grads = _uncovered_cases()[op]
     args = _cast(args, dtype, device)
     bad = dict(args)

@@ -27,7 +27,9 @@ namespace deformops {
 // always in bounds), `weight[i]` its interpolation weight (0 outside the map), and
 // `dweight_dy[i]`, `dweight_dx[i]` the derivatives of that weight with respect to
 // the location (0 outside the map). Corner order: (y0,x0), (y0,x0+1), (y0+1,x0),
-// (y0+1,x0+1).
+// (y0+1,x0+1). A corner outside the map is the number 0, never the value at
+// offset 0 (which may be NaN or infinite) times a zero weight: the per-channel
+// functions below take each corner's value through a guard (see with_guard).
 template <typename T>
 struct Corners {
   int64_t offset[4];
@@ -168,15 +170,62 @@ DEFORMOPS_HD T load_as(const V* data, int64_t i) {
   return static_cast<T>(data[i]);
 }
 
+// Whether corner `i` takes part in the sample or its location gradient: false
+// outside the map (and for the far corner of a location on a pixel centre, which
+// adds nothing either way).
+template <typename T>
+DEFORMOPS_HD bool corner_used(const Corners<T>& c, int i) {
+  return c.weight[i] != T(0) || c.dweight_dy[i] != T(0) || c.dweight_dx[i] != T(0);
+}
+
+// Guards of a corner's value, as the per-channel functions below take it:
+// Unguarded keeps the value loaded, for a sample whose four corners are used (or
+// values that hold zeros at the unused corners); Guarded drops the values of
+// the unused corners (a select per corner and channel, its flags set once per
+// sample).
+struct Unguarded {
+  template <typename T>
+  DEFORMOPS_HD T take(T v, int) const {
+    return v;
+  }
+};
+
+struct Guarded {
+  bool used[4];
+  template <typename T>
+  DEFORMOPS_HD T take(T v, int i) const {
+    return used[i] ? v : T(0);
+  }
+};
+
+// The guard of the corners `c`: which are used.
+template <typename T>
+DEFORMOPS_HD Guarded guard_of(const Corners<T>& c) {
+  return Guarded{{corner_used(c, 0), corner_used(c, 1), corner_used(c, 2), corner_used(c, 3)}};
+}
+
+// Calls f(Unguarded) when every corner of `c` has a nonzero weight (the common
+// sample, wholly on the map and off the pixel centres' lines), else
+// f(guard_of(c)), and returns its result: a caller's loop over channels then
+// pays for the guard only at the border.
+template <typename T, typename F>
+DEFORMOPS_HD auto with_guard(const Corners<T>& c, F&& f) {
+  if (c.weight[0] != T(0) && c.weight[1] != T(0) && c.weight[2] != T(0) && c.weight[3] != T(0)) {
+    return f(Unguarded{});
+  }
+  return f(guard_of(c));
+}
+
 // The bilinear sample of one channel: `data` points at the channel's value at
 // spatial index 0, and `stride` is the distance in elements between consecutive
 // spatial indices (1 for NCHW planes, C for channels-last, M * D for MSDA values).
-template <typename T, typename V>
-DEFORMOPS_HD T bilinear_sample(const V* data, int64_t stride, const Corners<T>& c) {
+template <typename T, typename V, typename Guard>
+DEFORMOPS_HD T bilinear_sample(const V* data, int64_t stride, const Corners<T>& c,
+                               const Guard& guard) {
   T out = T(0);
 DEFORMOPS_UNROLL
   for (int i = 0; i < 4; ++i) {
-    out += c.weight[i] * load_as<T>(data, c.offset[i] * stride);
+    out += c.weight[i] * guard.take(load_as<T>(data, c.offset[i] * stride), i);
   }
   return out;
 }
@@ -187,13 +236,13 @@ DEFORMOPS_UNROLL
 //    (a plain add on the CPU under partitioning, an atomic add on the GPU);
 //  - accumulates d(sample)/dy * g and d(sample)/dx * g into `grad_y`, `grad_x`.
 // `grad_data` may be null when the value gradient is not wanted.
-template <typename T, typename V, typename G, typename Add>
+template <typename T, typename V, typename G, typename Guard, typename Add>
 DEFORMOPS_HD void bilinear_sample_backward(const V* data, G* grad_data, int64_t stride,
-                                           const Corners<T>& c, T g, T& grad_y, T& grad_x,
-                                           Add add) {
+                                           const Corners<T>& c, const Guard& guard, T g,
+                                           T& grad_y, T& grad_x, Add add) {
 DEFORMOPS_UNROLL
   for (int i = 0; i < 4; ++i) {
-    const T v = load_as<T>(data, c.offset[i] * stride);
+    const T v = guard.take(load_as<T>(data, c.offset[i] * stride), i);
     grad_y += g * v * c.dweight_dy[i];
     grad_x += g * v * c.dweight_dx[i];
     if (grad_data != nullptr && c.weight[i] != T(0)) {
@@ -216,13 +265,13 @@ DEFORMOPS_UNROLL
 }
 
 // Derivatives of the sample with respect to the location only (no value gradient).
-template <typename T, typename V>
+template <typename T, typename V, typename Guard>
 DEFORMOPS_HD void bilinear_sample_grad_location(const V* data, int64_t stride,
-                                                const Corners<T>& c, T& dsample_dy,
-                                                T& dsample_dx) {
+                                                const Corners<T>& c, const Guard& guard,
+                                                T& dsample_dy, T& dsample_dx) {
 DEFORMOPS_UNROLL
   for (int i = 0; i < 4; ++i) {
-    const T v = load_as<T>(data, c.offset[i] * stride);
+    const T v = guard.take(load_as<T>(data, c.offset[i] * stride), i);
     dsample_dy += v * c.dweight_dy[i];
     dsample_dx += v * c.dweight_dx[i];
   }

@@ -15,6 +15,7 @@
 // on the number of threads through the rounding of these sums only; in
 // deterministic mode the blocks are those of one thread, whatever the number.
 #include <algorithm>
+#include <array>
 #include <vector>
 
 #include "../sampling.h"
@@ -148,10 +149,12 @@ void deform_conv_im2col(const ConvSizes& s, const ConvChunk& chunk, const T* inp
           const deformops::Corners<T> corners = sample_corners(s, px, kp, offset);
           const T m = modulation(s, px, kp, mask);
           T* out = block_columns(s, b, kp.k, columns + p * row);
+          deformops::with_guard(corners, [&](const auto& guard) {
 #pragma omp simd
-          for (int64_t c = b.begin; c < b.end; ++c) {
-            out[c] = m * deformops::bilinear_sample(image + c, s.channels, corners);
-          }
+            for (int64_t c = b.begin; c < b.end; ++c) {
+              out[c] = m * deformops::bilinear_sample(image + c, s.channels, corners, guard);
+            }
+          });
         });
       }
     }
@@ -203,20 +206,26 @@ void deform_conv_col2im(const ConvSizes& s, const ConvChunk& chunk, const T* inp
           const T m = modulation(s, px, kp, mask);
           const T* grad = block_columns(s, b, kp.k, grad_columns + p * row);
           T* sampled = block_columns(s, b, kp.k, columns + p * row);
-          T grad_y = T(0);
-          T grad_x = T(0);
-          T grad_m = T(0);
+          // Sums over the block's channels of grad * (d sample / dy, d sample / dx, sample).
+          const std::array<T, 3> sums = deformops::with_guard(corners, [&](const auto& guard) {
+            T grad_y = T(0);
+            T grad_x = T(0);
+            T grad_m = T(0);
 #pragma omp simd reduction(+ : grad_y, grad_x, grad_m)
-          for (int64_t c = b.begin; c < b.end; ++c) {
-            const T value = deformops::bilinear_sample(image + c, s.channels, corners);
-            sampled[c] = m * value;
-            grad_m += grad[c] * value;
-            T dy = T(0);
-            T dx = T(0);
-            deformops::bilinear_sample_grad_location(image + c, s.channels, corners, dy, dx);
-            grad_y += grad[c] * dy;
-            grad_x += grad[c] * dx;
-          }
+            for (int64_t c = b.begin; c < b.end; ++c) {
+              const T value = deformops::bilinear_sample(image + c, s.channels, corners, guard);
+              sampled[c] = m * value;
+              grad_m += grad[c] * value;
+              T dy = T(0);
+              T dx = T(0);
+              deformops::bilinear_sample_grad_location(image + c, s.channels, corners, guard, dy,
+                                                       dx);
+              grad_y += grad[c] * dy;
+              grad_x += grad[c] * dx;
+            }
+            return std::array<T, 3>{grad_y, grad_x, grad_m};
+          });
+          const auto [grad_y, grad_x, grad_m] = sums;
           deformops::for_each_corner(corners, [&](int64_t corner, T weight) {
             T* target = grad_image + corner * s.channels;
             const T scale = m * weight;

@@ -11,6 +11,7 @@
 // update) and each element's sum runs in the same order whatever the number of
 // threads.
 #include <algorithm>
+#include <array>
 #include <vector>
 
 #include "../roi_pool.h"
@@ -80,19 +81,22 @@ void offset_gradient(const RoiPoolSizes& s, const T* grad_output, const T* input
       T grad_y = T(0);
       T grad_x = T(0);
       for_each_sample(s, g, start, bin, [&](const Corners<T>& corners) {
-        T dy = T(0);
-        T dx = T(0);
+        const std::array<T, 2> sums = deformops::with_guard(corners, [&](const auto& guard) {
+          T dy = T(0);
+          T dx = T(0);
 #pragma omp simd reduction(+ : dy, dx)
-        for (int64_t c = 0; c < channels; ++c) {
-          T sample_dy = T(0);
-          T sample_dx = T(0);
-          deformops::bilinear_sample_grad_location(image + c, channels, corners, sample_dy,
-                                                   sample_dx);
-          dy += grad[c] * sample_dy;
-          dx += grad[c] * sample_dx;
-        }
-        grad_y += dy;
-        grad_x += dx;
+          for (int64_t c = 0; c < channels; ++c) {
+            T sample_dy = T(0);
+            T sample_dx = T(0);
+            deformops::bilinear_sample_grad_location(image + c, channels, corners, guard,
+                                                     sample_dy, sample_dx);
+            dy += grad[c] * sample_dy;
+            dx += grad[c] * sample_dx;
+          }
+          return std::array<T, 2>{dy, dx};
+        });
+        grad_y += sums[0];
+        grad_x += sums[1];
       });
       out[0] = grad_x / g.count * start.dx_doffset;
       out[plane] = grad_y / g.count * start.dy_doffset;
@@ -160,10 +164,12 @@ void deform_roi_pool_forward(const RoiPoolSizes& s, const T* input, const T* roi
         const T* image = input + g.batch * s.height * s.width * channels;
         T* acc = sum.data();
         for_each_sample(s, g, start_of(s, g, bin, offset), bin, [&](const Corners<T>& corners) {
+          deformops::with_guard(corners, [&](const auto& guard) {
 #pragma omp simd
-          for (int64_t c = 0; c < channels; ++c) {
-            acc[c] += deformops::bilinear_sample(image + c, channels, corners);
-          }
+            for (int64_t c = 0; c < channels; ++c) {
+              acc[c] += deformops::bilinear_sample(image + c, channels, corners, guard);
+            }
+          });
         });
       }
       T* out = output + bin.k * channels * plane + bin.ph * s.out_width + bin.pw;

@@ -6,6 +6,7 @@
 // pair only, so the scatter-adds are plain adds with no lost update, and every
 // sum runs in a fixed order whatever the number of threads.
 #include <algorithm>
+#include <array>
 
 #include "../sampling.h"
 #include "kernels.h"
@@ -102,10 +103,12 @@ void msda_forward(const MsdaSizes& s, const T* value, const int64_t* spatial_sha
         const auto accumulate = [&](int64_t i, const deformops::Corners<T>& corners, int64_t,
                                     int64_t) {
           const T a = attention[i];
+          deformops::with_guard(corners, [&](const auto& guard) {
 #pragma omp simd
-          for (int64_t d = 0; d < depth; ++d) {
-            sum[d] += a * deformops::bilinear_sample(value_m + d, row, corners);
-          }
+            for (int64_t d = 0; d < depth; ++d) {
+              sum[d] += a * deformops::bilinear_sample(value_m + d, row, corners, guard);
+            }
+          });
         };
         const auto prefetch = [&](const deformops::Corners<T>& corners) {
           prefetch_corners(value_m, row, depth, corners, false);
@@ -142,18 +145,23 @@ void msda_backward(const MsdaSizes& s, const T* grad_output, const T* value,
         const auto sample_backward = [&](int64_t i, const deformops::Corners<T>& corners,
                                          int64_t height, int64_t width) {
           const T a = attention[i];
-          T grad_a = T(0);
-          T grad_y = T(0);
-          T grad_x = T(0);
+          // Sums over channels of grad * (sample, d sample / dy, d sample / dx).
+          const std::array<T, 3> sums = deformops::with_guard(corners, [&](const auto& guard) {
+            T grad_a = T(0);
+            T grad_y = T(0);
+            T grad_x = T(0);
 #pragma omp simd reduction(+ : grad_a, grad_y, grad_x)
-          for (int64_t d = 0; d < depth; ++d) {
-            grad_a += grad[d] * deformops::bilinear_sample(value_m + d, row, corners);
-            T dy = T(0);
-            T dx = T(0);
-            deformops::bilinear_sample_grad_location(value_m + d, row, corners, dy, dx);
-            grad_y += grad[d] * dy;
-            grad_x += grad[d] * dx;
-          }
+            for (int64_t d = 0; d < depth; ++d) {
+              grad_a += grad[d] * deformops::bilinear_sample(value_m + d, row, corners, guard);
+              T dy = T(0);
+              T dx = T(0);
+              deformops::bilinear_sample_grad_location(value_m + d, row, corners, guard, dy, dx);
+              grad_y += grad[d] * dy;
+              grad_x += grad[d] * dx;
+            }
+            return std::array<T, 3>{grad_a, grad_y, grad_x};
+          });
+          const auto [grad_a, grad_y, grad_x] = sums;
           deformops::for_each_corner(corners, [&](int64_t corner, T weight) {
             T* target = grad_value_m + corner * row;
             const T scale = a * weight;

@@ -311,7 +311,8 @@ __device__ __forceinline__ void fill_block_slots(const Geometry& g, const V* off
 
 // The Corners of a slot with corner i at position i of a register array of four
 // vectors: sampling.h's functions then interpolate vectors held in registers
-// (data[i * VEC + j] is channel j of corner i).
+// (data[i * VEC + j] is channel j of corner i). The kernels load no corner they
+// do not use and put zeros there (widen_raw), so those functions run unguarded.
 template <typename T>
 __device__ __forceinline__ deformops::Corners<T> in_registers(const CornerSlot<T>& slot) {
   deformops::Corners<T> local;
@@ -359,7 +360,8 @@ __global__ void __launch_bounds__(kThreads, kIm2colMinBlocks)
         T out[VEC];
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
-          out[e] = slot.m * deformops::bilinear_sample(values + e, VEC, local);
+          out[e] = slot.m *
+                   deformops::bilinear_sample(values + e, VEC, local, deformops::Unguarded{});
         }
         store_vec_streaming<VEC>(row + column_base(g, c) + int64_t(k0 + kk) * g.group_channels,
                                  out);
@@ -455,7 +457,8 @@ __global__ void __launch_bounds__(kThreads, kCol2imMinBlocks)
         T column[VEC];
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
-          column[e] = slot.m * deformops::bilinear_sample(values + e, VEC, local);
+          column[e] = slot.m *
+                      deformops::bilinear_sample(values + e, VEC, local, deformops::Unguarded{});
         }
         store_vec_streaming<VEC>(row + base, column);
       }
@@ -468,7 +471,8 @@ __global__ void __launch_bounds__(kThreads, kCol2imMinBlocks)
         const deformops::Corners<T> dot_corners = in_registers(slot);
         T grad_y = T(0);
         T grad_x = T(0);
-        deformops::bilinear_sample_grad_location(dots, 1, dot_corners, grad_y, grad_x);
+        deformops::bilinear_sample_grad_location(dots, 1, dot_corners, deformops::Unguarded{},
+                                                 grad_y, grad_x);
         const int k = k0 + kk;
         const int64_t dy =
             offset_base(g, g.grad_offset_strides, at) + 2 * k * g.grad_offset_strides.c;
@@ -476,7 +480,7 @@ __global__ void __launch_bounds__(kThreads, kCol2imMinBlocks)
         grad_offset[dy + g.grad_offset_strides.c] = narrow<V>(slot.m * grad_x);
         if (mask != nullptr) {
           grad_mask[mask_base(g, g.grad_mask_strides, at) + k * g.grad_mask_strides.c] =
-              narrow<V>(deformops::bilinear_sample(dots, 1, dot_corners));
+              narrow<V>(deformops::bilinear_sample(dots, 1, dot_corners, deformops::Unguarded{}));
         }
       }
     }

@@ -78,8 +78,9 @@ __global__ void __launch_bounds__(kThreads)
       const BinStart<A> start = start_of(s, g, at, offset);
       for (int64_t iy = 0; iy < g.grid_h; ++iy) {
         for (int64_t ix = 0; ix < g.grid_w; ++ix) {
-          sum += bilinear_sample(
-              plane, 1, roi_sample_corners(g, start, at.ph, at.pw, iy, ix, s.height, s.width));
+          const Corners<A> corners =
+              roi_sample_corners(g, start, at.ph, at.pw, iy, ix, s.height, s.width);
+          sum += bilinear_sample(plane, 1, corners, guard_of(corners));
         }
       }
     }
@@ -117,7 +118,8 @@ __global__ void __launch_bounds__(kThreads)
         const Corners<A> corners =
             roi_sample_corners(g, start, at.ph, at.pw, iy, ix, s.height, s.width);
         if (offset != nullptr) {
-          bilinear_sample_backward(plane, grad_plane, 1, corners, grad, grad_y, grad_x, add);
+          bilinear_sample_backward(plane, grad_plane, 1, corners, guard_of(corners), grad,
+                                   grad_y, grad_x, add);
         } else {
           for_each_corner(corners,
                           [&](int64_t corner, A weight) { add(grad_plane + corner, grad * weight); });
