@@ -134,9 +134,9 @@ def _uncovered_cases() -> dict[str, tuple[Callable, dict[str, Any], tuple[str, t
     # other levels start after pixel (0, 0) of level 0.
     msda["sampling_locations"] = torch.rand_like(msda["sampling_locations"]) * 1.2 + 0.3
     conv = make_conv_inputs(h=6, w=7)
-    conv["offset"] = (
-        torch.rand_like(conv["offset"]) * 6 + 2.0
-    )  # every point 1+ pixels down and right
+    # Every point 1 to 7 pixels down and right of its kernel position (rows and columns -1
+    # and up): at row and column 1 or beyond.
+    conv["offset"] = torch.rand_like(conv["offset"]) * 6 + 2.0
     roi = make_roi_inputs(h=9, w=11, spatial_scale=1.0)
     roi["rois"][:, 1:] = torch.tensor([3.0, 3.0, 14.0, 12.0])  # to beyond the last row and column
     roi["offset"] = torch.rand_like(roi["offset"]) * 2
@@ -164,6 +164,7 @@ def _uncovered_cases() -> dict[str, tuple[Callable, dict[str, Any], tuple[str, t
 def test_non_finite_value_no_sample_covers_reaches_nothing(
     backend: str, op: str, number: str, dtype: torch.dtype, device: str
 ) -> None:
+    """A non-finite input value that no sample covers changes no result."""
     fn, args, (name, entry), grads = _uncovered_cases()[op]
     args = _cast(args, dtype, device)
     bad = dict(args)
@@ -232,6 +233,8 @@ def _conv_nan_mask():
 def test_nan_multiplier_stays_in_its_sample(
     backend: str, case: Callable, dtype: torch.dtype, device: str
 ) -> None:
+    """A NaN attention weight or mask makes its output NaN and changes nothing else but its
+    own sample's gradients."""
     fn, args, bad, may_differ, grads = case()
     actual = _run(fn, _cast(bad, dtype, device), grads)
     expected = _run(fn, _cast(args, dtype, device), grads)
