@@ -51,16 +51,17 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def _bilinear_corners(y: Tensor, x: Tensor, height: Tensor, width: Tensor):
     """Yield ``(flat_index, weight, inside)`` for the four bilinear corners of ``(y, x)``.
 
-    ``flat_index`` is ``y_corner * width + x_corner`` (0 where the corner is outside the
-    map), ``weight`` the interpolation weight (zero outside the map) and ``inside`` whether
-    the corner is on the map. Callers read only the corners inside and take zero for the
-    others (zero padding), so that a value they do not cover, even NaN or infinite, never
-    reaches the result. A point at or beyond one pixel outside the map, or with a
+    ``flat_index`` is ``y_corner * width + x_corner`` (meaningless where the corner is
+    outside the map), ``weight`` the interpolation weight (zero outside the map) and
+    ``inside`` whether the corner is on the map. Callers read only the corners inside and
+    point the others at a zero of their own (zero padding), so that a value they do not
+    cover, even NaN or infinite, never reaches the result. A point at or beyond one pixel outside the map, or with a
     coordinate that is not finite, has no corner inside and zero gradient, as in the
     native kernels (``sampling.h``). ``height`` and ``width`` broadcast against ``y``.
     """
     on_map = (y > -1) & (y < height) & (x > -1) & (x < width)
-    # A finite stand-in off the map keeps the weights, and so every gradient, finite.
+    # A finite stand-in off the map, two pixels before it (all four corners outside), keeps
+    # the weights, and so every gradient, finite.
     y = torch.where(on_map, y, -2.0)
     x = torch.where(on_map, x, -2.0)
     y0 = torch.floor(y)
@@ -73,9 +74,7 @@ def _bilinear_corners(y: Tensor, x: Tensor, height: Tensor, width: Tensor):
         for dx, wx in ((0, 1 - lx), (1, lx)):
             xc = x0 + dx
             inside = inside_y & (xc >= 0) & (xc <= width - 1)
-            inside = inside & on_map
-            index = torch.where(inside, yc * width + xc, torch.zeros_like(yc))
-            yield index.long(), wy * wx * inside, inside
+            yield (yc * width + xc).long(), wy * wx * inside, inside
 
 
 def _zero_padded(values: Tensor, dim: int) -> Tensor:
