@@ -63,16 +63,22 @@ namespace deformops::gpu::msda_detail {
 
 constexpr int kBlock = 256;
 
+// Threads per block of the forward and backward kernels: fewer than kBlock, so
+// that each block holds its SM for a shorter time, and the kernel's tail (SMs
+// going idle one after another while the last blocks finish) is shorter.
+constexpr int kSampleBlock = 128;
+
 // Resident blocks per SM the kernels are compiled for (their register budget,
 // chosen so that nothing spills: scripts/check_cuda_compile.py): the forward
-// with forward_in_flight() samples' loads in flight fits 64 registers; the
-// backward with kBackwardInFlight fits 80 on sm_90 (three blocks), and 128 on
-// older GPUs, whose reductions without vector atomics take more registers.
-constexpr int kForwardBlocks = 4;
+// with forward_in_flight() samples' loads in flight fits 64 registers (1,024
+// threads per SM); the backward with kBackwardInFlight fits 80 on sm_90 (768
+// threads), and 128 on older GPUs (512 threads), whose reductions without
+// vector atomics take more registers.
+constexpr int kForwardBlocks = 1024 / kSampleBlock;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-constexpr int kBackwardBlocks = 2;
+constexpr int kBackwardBlocks = 512 / kSampleBlock;
 #else
-constexpr int kBackwardBlocks = 3;
+constexpr int kBackwardBlocks = 768 / kSampleBlock;
 #endif
 
 // Vector shape of the fast path for values of type T whose value gradient is
@@ -119,6 +125,7 @@ struct Args {
   const void* weights;
   bool locations_float;  // locations stored as float (else as T)
   bool weights_float;    // attention weights stored as float (else as T)
+  bool prefetch;         // ask L2 for the next pair's rows ahead (prefetch_next_pair)
 };
 
 // Marks a corner the backward need not read (outside the map or dropped).
@@ -305,13 +312,15 @@ __device__ __forceinline__ void load_corners(const T* data, uint32_t row, const 
 // The decoded (n, m, q) triple of thread `t`.
 struct Position {
   int64_t n, m;
-  int64_t nqm;  // (n * Q + q) * M + m: the row of the output and of the samples
-  bool valid;   // t serves an existing group
+  int64_t nqm;   // (n * Q + q) * M + m: the row of the output and of the samples
+  int64_t rank;  // t's index among the threads of its (n, m) pair
+  bool valid;    // t serves an existing group
 };
 
 __device__ __forceinline__ Position locate(const MsdaSizes& s, const Layout& lay, int64_t t) {
   Position pos;
-  const int64_t g = t >> (lay.log_c + lay.log_s);
+  const int shift = lay.log_c + lay.log_s;
+  const int64_t g = t >> shift;
   pos.valid = g < lay.groups;
   const int64_t gg = pos.valid ? g : 0;
   const int64_t q = gg % s.queries;
@@ -319,7 +328,36 @@ __device__ __forceinline__ Position locate(const MsdaSizes& s, const Layout& lay
   pos.m = nm % s.heads;
   pos.n = nm / s.heads;
   pos.nqm = (pos.n * s.queries + q) * s.heads + pos.m;
+  pos.rank = (q << shift) + (t & ((int64_t{1} << shift) - 1));
   return pos;
+}
+
+// Asks L2 for the rows of the (n, m) pair after this thread's in `data` (a
+// value-shaped array: `row` elements between positions, position 0 of pair
+// (0, 0) at `data`): the pair's thread of rank r asks for position r (and r
+// plus the pair's threads, and so on). The threads of a pair run in launch
+// order (the file comment), so the pair's first blocks ask for the next pair's
+// rows while the GPU still works on theirs, and the next pair's first reads of
+// its rows are L2 hits rather than DRAM misses. A hint only: a row's first
+// 128-byte line (and those 128 bytes apart after it) is asked for.
+template <typename P>
+__device__ __forceinline__ void prefetch_next_pair(const P* data, const MsdaSizes& s,
+                                                   const Layout& lay, uint32_t row,
+                                                   const Position& pos) {
+  const bool last_head = pos.m + 1 == s.heads;
+  const int64_t n = last_head ? pos.n + 1 : pos.n;
+  if (!pos.valid || n >= s.batch) {
+    return;
+  }
+  const P* pair = data + (n * s.spatial * row + (last_head ? 0 : pos.m + 1) * s.channels);
+  const int64_t pair_threads = s.queries << (lay.log_c + lay.log_s);
+  const int64_t row_bytes = s.channels * static_cast<int64_t>(sizeof(P));
+  for (int64_t p = pos.rank; p < s.spatial; p += pair_threads) {
+    const char* at = reinterpret_cast<const char*>(pair + p * row);
+    for (int64_t b = 0; b < row_bytes; b += 128) {
+      prefetch_l2(at + b);
+    }
+  }
 }
 
 // The first of the VEC channels of lane c in pass `pass`: ((pass * lanes) + c) *
@@ -375,7 +413,7 @@ __device__ __forceinline__ int round_count(const GroupLanes& g, int log_c, int64
 // warp (the block-stride loop's bound is uniform over the block, the rounds'
 // over the problem), so that their shuffles take the whole warp.
 template <typename T, int VEC, bool ONE_PASS>
-__global__ void __launch_bounds__(kBlock, kForwardBlocks)
+__global__ void __launch_bounds__(kSampleBlock, kForwardBlocks)
     msda_forward_kernel(const Args<T> a, T* __restrict__ output) {
   using A = acc_type<T>;
   constexpr int kInFlight = forward_in_flight<T, VEC>();
@@ -383,9 +421,12 @@ __global__ void __launch_bounds__(kBlock, kForwardBlocks)
   const Layout& lay = a.lay;
   const GroupLanes g = group_lanes(s, lay);
   const int passes = ONE_PASS ? 1 : lay.passes;
-  for (int64_t base = static_cast<int64_t>(blockIdx.x) * kBlock; base < lay.threads;
-       base += static_cast<int64_t>(gridDim.x) * kBlock) {
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * kSampleBlock; base < lay.threads;
+       base += static_cast<int64_t>(gridDim.x) * kSampleBlock) {
     const Position pos = locate(s, lay, base + threadIdx.x);
+    if (a.prefetch) {
+      prefetch_next_pair(a.value, s, lay, g.row, pos);
+    }
     const T* value_nm = a.value + opaque(pos.n * s.spatial * g.row + pos.m * s.channels);
     for (int pass = 0; pass < passes; ++pass) {
       const int64_t d = first_channel<VEC>(pass, g.lane_c, lay.log_c);
@@ -438,7 +479,7 @@ __global__ void __launch_bounds__(kBlock, kForwardBlocks)
 // float for a half-precision T with a float32 workspace). A null grad_value:
 // no scatter (the deterministic backward gathers the value gradient apart).
 template <typename T, typename G, int VEC, bool ONE_PASS>
-__global__ void __launch_bounds__(kBlock, kBackwardBlocks)
+__global__ void __launch_bounds__(kSampleBlock, kBackwardBlocks)
     msda_backward_kernel(const Args<T> a, const T* __restrict__ grad_output,
                          G* __restrict__ grad_value, void* __restrict__ grad_locations,
                          void* __restrict__ grad_weights) {
@@ -447,9 +488,15 @@ __global__ void __launch_bounds__(kBlock, kBackwardBlocks)
   const Layout& lay = a.lay;
   const GroupLanes g = group_lanes(s, lay);
   const int passes = ONE_PASS ? 1 : lay.passes;
-  for (int64_t base = static_cast<int64_t>(blockIdx.x) * kBlock; base < lay.threads;
-       base += static_cast<int64_t>(gridDim.x) * kBlock) {
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * kSampleBlock; base < lay.threads;
+       base += static_cast<int64_t>(gridDim.x) * kSampleBlock) {
     const Position pos = locate(s, lay, base + threadIdx.x);
+    if (a.prefetch) {
+      prefetch_next_pair(a.value, s, lay, g.row, pos);
+      if (grad_value != nullptr) {
+        prefetch_next_pair(grad_value, s, lay, g.row, pos);
+      }
+    }
     const int64_t value_offset = opaque(pos.n * s.spatial * g.row + pos.m * s.channels);
     const T* value_nm = a.value + value_offset;
     G* grad_value_nm = grad_value != nullptr ? grad_value + value_offset : nullptr;
@@ -621,8 +668,8 @@ inline Layout make_layout(const MsdaSizes& s, int lane_channels, size_t element_
   return lay;
 }
 
-inline unsigned int grid_for(int64_t threads) {
-  const int64_t blocks = (threads + kBlock - 1) / kBlock;
+inline unsigned int grid_for(int64_t threads, int block = kBlock) {
+  const int64_t blocks = (threads + block - 1) / block;
   return static_cast<unsigned int>(blocks < (int64_t{1} << 30) ? blocks : (int64_t{1} << 30));
 }
 
@@ -646,6 +693,14 @@ inline bool valid_inputs(const MsdaInputs& in) {
          stored_as_value_or_float(in.weights_dtype, in.value_dtype);
 }
 
+// Whether the kernels ask L2 for the next pair's rows ahead (prefetch_next_pair):
+// where a pair's samples read each of its rows several times on average (the
+// encoders, Q = S), not where most rows are read once or never (a decoder's few
+// queries), where the prefetch would fetch rows no sample reads.
+inline bool prefetch_pairs(const MsdaSizes& s) {
+  return s.queries * s.levels * s.points >= 2 * s.spatial;
+}
+
 template <typename T>
 Args<T> make_args(const MsdaInputs& in, const Layout& lay) {
   Args<T> a;
@@ -658,6 +713,7 @@ Args<T> make_args(const MsdaInputs& in, const Layout& lay) {
   a.weights = in.attention_weights;
   a.locations_float = in.locations_dtype == Dtype::kFloat32;
   a.weights_float = in.weights_dtype == Dtype::kFloat32;
+  a.prefetch = prefetch_pairs(in.sizes);
   return a;
 }
 
@@ -695,14 +751,14 @@ cudaError_t launch_forward(const MsdaInputs& in, T* output, bool aligned, cudaSt
     return cudaSuccess;
   }
   const Args<T> a = make_args<T>(in, lay);
-  const unsigned int grid = grid_for(lay.threads);
+  const unsigned int grid = grid_for(lay.threads, kSampleBlock);
   if constexpr (F::kEnabled) {
     if (lay.fast) {
-      msda_forward_kernel<T, F::kVec, true><<<grid, kBlock, 0, stream>>>(a, output);
+      msda_forward_kernel<T, F::kVec, true><<<grid, kSampleBlock, 0, stream>>>(a, output);
       return cudaGetLastError();
     }
   }
-  msda_forward_kernel<T, 1, false><<<grid, kBlock, 0, stream>>>(a, output);
+  msda_forward_kernel<T, 1, false><<<grid, kSampleBlock, 0, stream>>>(a, output);
   return cudaGetLastError();
 }
 
@@ -730,16 +786,16 @@ cudaError_t launch_backward(const MsdaInputs& in, const T* grad_output, G* grad_
     return cudaSuccess;
   }
   const Args<T> a = make_args<T>(in, lay);
-  const unsigned int grid = grid_for(lay.threads);
+  const unsigned int grid = grid_for(lay.threads, kSampleBlock);
   if constexpr (F::kEnabled) {
     if (lay.fast) {
-      msda_backward_kernel<T, G, F::kVec, true><<<grid, kBlock, 0, stream>>>(
+      msda_backward_kernel<T, G, F::kVec, true><<<grid, kSampleBlock, 0, stream>>>(
           a, grad_output, grad_value, grads.grad_sampling_locations,
           grads.grad_attention_weights);
       return cudaGetLastError();
     }
   }
-  msda_backward_kernel<T, G, 1, false><<<grid, kBlock, 0, stream>>>(
+  msda_backward_kernel<T, G, 1, false><<<grid, kSampleBlock, 0, stream>>>(
       a, grad_output, grad_value, grads.grad_sampling_locations, grads.grad_attention_weights);
   return cudaGetLastError();
 }
