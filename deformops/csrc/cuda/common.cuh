@@ -230,12 +230,6 @@ __device__ __forceinline__ void atomic_add_pair(__nv_bfloat16* p, unsigned int w
   atomicAdd(reinterpret_cast<__nv_bfloat162*>(p), h);
 }
 
-// Asks L2 for the 128-byte line holding `p` (a global address), without waiting:
-// a hint that the line will be read or added into soon.
-__device__ __forceinline__ void prefetch_l2(const void* p) {
-  asm volatile("prefetch.global.L2 [%0];" ::"l"(__cvta_generic_to_global(p)));
-}
-
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 // 16-byte reductions of 8 halves (sm_90 and later: one vector red instruction).
 __device__ __forceinline__ void red_add_x8(__half* p, const unsigned int (&w)[4]) {

@@ -63,23 +63,32 @@ namespace deformops::gpu::msda_detail {
 
 constexpr int kBlock = 256;
 
-// Threads per block of the forward and backward kernels: fewer than kBlock, so
-// that each block holds its SM for a shorter time, and the kernel's tail (SMs
-// going idle one after another while the last blocks finish) is shorter.
-constexpr int kSampleBlock = 128;
+// Threads per block of the forward and backward kernels: two warps, not
+// kBlock's eight, so that a block does not hold its SM's slot until the slowest
+// of eight warps ends, and the SMs go idle later in the kernel's tail
+// (benchmarks/NOTES.md, twelfth session: m2f_enc float32's forward 0.228 ->
+// 0.220 ms against blocks of 256 threads).
+constexpr int kSampleBlock = 64;
 
-// Resident blocks per SM the kernels are compiled for (their register budget,
-// chosen so that nothing spills: scripts/check_cuda_compile.py): the forward
+// Resident threads per SM the kernels are compiled for (their register budget,
+// chosen so that nothing spills: scripts/check_cuda_compile.py). The forward
 // with forward_in_flight() samples' loads in flight fits 64 registers (1,024
-// threads per SM); the backward with kBackwardInFlight fits 80 on sm_90 (768
-// threads), and 128 on older GPUs (512 threads), whose reductions without
-// vector atomics take more registers.
+// threads per SM).
 constexpr int kForwardBlocks = 1024 / kSampleBlock;
+
+// The backward with kBackwardInFlight: on sm_90, 896 threads (72 registers)
+// where the fast path adds into float32 (float values, or half precision with
+// a float32 workspace), which fits without spilling, and 768 (80 registers)
+// elsewhere; on older GPUs, whose reductions without vector atomics take more
+// registers, 512 (128 registers).
+template <typename G, bool ONE_PASS>
+__host__ __device__ constexpr int backward_blocks() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-constexpr int kBackwardBlocks = 512 / kSampleBlock;
+  return 512 / kSampleBlock;
 #else
-constexpr int kBackwardBlocks = 768 / kSampleBlock;
+  return (ONE_PASS && sizeof(G) == 4 ? 896 : 768) / kSampleBlock;
 #endif
+}
 
 // Vector shape of the fast path for values of type T whose value gradient is
 // accumulated in G (the forward uses G = T): a lane owns VEC consecutive
@@ -125,7 +134,6 @@ struct Args {
   const void* weights;
   bool locations_float;  // locations stored as float (else as T)
   bool weights_float;    // attention weights stored as float (else as T)
-  bool prefetch;         // ask L2 for the next pair's rows ahead (prefetch_next_pair)
 };
 
 // Marks a corner the backward need not read (outside the map or dropped).
@@ -312,15 +320,13 @@ __device__ __forceinline__ void load_corners(const T* data, uint32_t row, const 
 // The decoded (n, m, q) triple of thread `t`.
 struct Position {
   int64_t n, m;
-  int64_t nqm;   // (n * Q + q) * M + m: the row of the output and of the samples
-  int64_t rank;  // t's index among the threads of its (n, m) pair
-  bool valid;    // t serves an existing group
+  int64_t nqm;  // (n * Q + q) * M + m: the row of the output and of the samples
+  bool valid;   // t serves an existing group
 };
 
 __device__ __forceinline__ Position locate(const MsdaSizes& s, const Layout& lay, int64_t t) {
   Position pos;
-  const int shift = lay.log_c + lay.log_s;
-  const int64_t g = t >> shift;
+  const int64_t g = t >> (lay.log_c + lay.log_s);
   pos.valid = g < lay.groups;
   const int64_t gg = pos.valid ? g : 0;
   const int64_t q = gg % s.queries;
@@ -328,36 +334,7 @@ __device__ __forceinline__ Position locate(const MsdaSizes& s, const Layout& lay
   pos.m = nm % s.heads;
   pos.n = nm / s.heads;
   pos.nqm = (pos.n * s.queries + q) * s.heads + pos.m;
-  pos.rank = (q << shift) + (t & ((int64_t{1} << shift) - 1));
   return pos;
-}
-
-// Asks L2 for the rows of the (n, m) pair after this thread's in `data` (a
-// value-shaped array: `row` elements between positions, position 0 of pair
-// (0, 0) at `data`): the pair's thread of rank r asks for position r (and r
-// plus the pair's threads, and so on). The threads of a pair run in launch
-// order (the file comment), so the pair's first blocks ask for the next pair's
-// rows while the GPU still works on theirs, and the next pair's first reads of
-// its rows are L2 hits rather than DRAM misses. A hint only: a row's first
-// 128-byte line (and those 128 bytes apart after it) is asked for.
-template <typename P>
-__device__ __forceinline__ void prefetch_next_pair(const P* data, const MsdaSizes& s,
-                                                   const Layout& lay, uint32_t row,
-                                                   const Position& pos) {
-  const bool last_head = pos.m + 1 == s.heads;
-  const int64_t n = last_head ? pos.n + 1 : pos.n;
-  if (!pos.valid || n >= s.batch) {
-    return;
-  }
-  const P* pair = data + (n * s.spatial * row + (last_head ? 0 : pos.m + 1) * s.channels);
-  const int64_t pair_threads = s.queries << (lay.log_c + lay.log_s);
-  const int64_t row_bytes = s.channels * static_cast<int64_t>(sizeof(P));
-  for (int64_t p = pos.rank; p < s.spatial; p += pair_threads) {
-    const char* at = reinterpret_cast<const char*>(pair + p * row);
-    for (int64_t b = 0; b < row_bytes; b += 128) {
-      prefetch_l2(at + b);
-    }
-  }
 }
 
 // The first of the VEC channels of lane c in pass `pass`: ((pass * lanes) + c) *
@@ -424,9 +401,6 @@ __global__ void __launch_bounds__(kSampleBlock, kForwardBlocks)
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * kSampleBlock; base < lay.threads;
        base += static_cast<int64_t>(gridDim.x) * kSampleBlock) {
     const Position pos = locate(s, lay, base + threadIdx.x);
-    if (a.prefetch) {
-      prefetch_next_pair(a.value, s, lay, g.row, pos);
-    }
     const T* value_nm = a.value + opaque(pos.n * s.spatial * g.row + pos.m * s.channels);
     for (int pass = 0; pass < passes; ++pass) {
       const int64_t d = first_channel<VEC>(pass, g.lane_c, lay.log_c);
@@ -479,7 +453,7 @@ __global__ void __launch_bounds__(kSampleBlock, kForwardBlocks)
 // float for a half-precision T with a float32 workspace). A null grad_value:
 // no scatter (the deterministic backward gathers the value gradient apart).
 template <typename T, typename G, int VEC, bool ONE_PASS>
-__global__ void __launch_bounds__(kSampleBlock, kBackwardBlocks)
+__global__ void __launch_bounds__(kSampleBlock, backward_blocks<G, ONE_PASS>())
     msda_backward_kernel(const Args<T> a, const T* __restrict__ grad_output,
                          G* __restrict__ grad_value, void* __restrict__ grad_locations,
                          void* __restrict__ grad_weights) {
@@ -491,12 +465,6 @@ __global__ void __launch_bounds__(kSampleBlock, kBackwardBlocks)
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * kSampleBlock; base < lay.threads;
        base += static_cast<int64_t>(gridDim.x) * kSampleBlock) {
     const Position pos = locate(s, lay, base + threadIdx.x);
-    if (a.prefetch) {
-      prefetch_next_pair(a.value, s, lay, g.row, pos);
-      if (grad_value != nullptr) {
-        prefetch_next_pair(grad_value, s, lay, g.row, pos);
-      }
-    }
     const int64_t value_offset = opaque(pos.n * s.spatial * g.row + pos.m * s.channels);
     const T* value_nm = a.value + value_offset;
     G* grad_value_nm = grad_value != nullptr ? grad_value + value_offset : nullptr;
@@ -693,14 +661,6 @@ inline bool valid_inputs(const MsdaInputs& in) {
          stored_as_value_or_float(in.weights_dtype, in.value_dtype);
 }
 
-// Whether the kernels ask L2 for the next pair's rows ahead (prefetch_next_pair):
-// where a pair's samples read each of its rows several times on average (the
-// encoders, Q = S), not where most rows are read once or never (a decoder's few
-// queries), where the prefetch would fetch rows no sample reads.
-inline bool prefetch_pairs(const MsdaSizes& s) {
-  return s.queries * s.levels * s.points >= 2 * s.spatial;
-}
-
 template <typename T>
 Args<T> make_args(const MsdaInputs& in, const Layout& lay) {
   Args<T> a;
@@ -713,7 +673,6 @@ Args<T> make_args(const MsdaInputs& in, const Layout& lay) {
   a.weights = in.attention_weights;
   a.locations_float = in.locations_dtype == Dtype::kFloat32;
   a.weights_float = in.weights_dtype == Dtype::kFloat32;
-  a.prefetch = prefetch_pairs(in.sizes);
   return a;
 }
 
