@@ -265,8 +265,8 @@ __device__ __forceinline__ Shared<A> receive(const Sample<A>& mine, int owner, i
 // Samples whose corner loads a lane issues together, before using any: the
 // forward's gathers are latency-bound, and one sample's four loads at a time
 // left the memory system idle between samples. The backward, bound by L2
-// throughput, keeps more warps resident instead (three blocks per SM with one
-// sample in flight, against two with two).
+// throughput, keeps more warps resident instead (768 or 896 threads per SM with
+// one sample in flight, against 512 with two: backward_blocks).
 constexpr int kBackwardInFlight = 1;
 
 // Samples in flight in the forward: two, or one where a lane's vector takes 32
