@@ -63,12 +63,12 @@ namespace deformops::gpu::msda_detail {
 
 constexpr int kBlock = 256;
 
-// Threads per block of the forward and backward kernels: two warps, not
-// kBlock's eight, so that a block does not hold its SM's slot until the slowest
-// of eight warps ends, and the SMs go idle later in the kernel's tail
-// (benchmarks/NOTES.md, twelfth session: m2f_enc float32's forward 0.228 ->
-// 0.220 ms against blocks of 256 threads).
-constexpr int kSampleBlock = 64;
+// Threads per block of the forward and backward kernels: one warp, not kBlock's
+// eight, so that a block's slot on its SM frees as soon as its own warp ends
+// rather than when the slowest of eight does, and the SMs stay busy later into
+// the kernel's tail (benchmarks/NOTES.md, twelfth session: m2f_enc float32's
+// forward 0.228 -> 0.223 ms in the benchmark, against blocks of 256 threads).
+constexpr int kSampleBlock = 32;
 
 // Resident threads per SM the kernels are compiled for (their register budget,
 // chosen so that nothing spills: scripts/check_cuda_compile.py). The forward
