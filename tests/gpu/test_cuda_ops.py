@@ -6,7 +6,14 @@ from __future__ import annotations
 import naive
 import pytest
 import torch
-from cases import CONV_CASES, MSDA_CASES, conv_inputs, msda_inputs, msda_non_finite_inputs
+from cases import (
+    CONV_CASES,
+    MSDA_CASES,
+    conv_inputs,
+    msda_inputs,
+    msda_non_finite_inputs,
+    off_pair_alignment,
+)
 from conftest import make_conv_inputs, make_msda_inputs
 
 import deformops
@@ -100,6 +107,29 @@ def test_conv_matches_float64(case, dtype, channels_last):
     expected = _forward_backward(op, [kwargs[k].double().cpu() for k in names])
     for name, r, e in zip(["output", *names], results, expected, strict=True):
         assert _relative_error(r, e) <= TOLERANCE[dtype], name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])
+def test_msda_locations_off_their_pair_alignment(dtype, deterministic, request):
+    """The kernels load a location's (x, y) in one instruction where the locations are
+    aligned to two elements, else element by element: the same results."""
+    if deterministic:
+        request.getfixturevalue("deterministic")
+    value, shapes, starts, loc, weights = msda_inputs(MSDA_CASES[2], "cuda", dtype)
+
+    def op(v, lo, w):
+        return deformops.multi_scale_deformable_attention(v, shapes, starts, lo, w)
+
+    expected = _forward_backward(op, [value, loc, weights])
+    results = _forward_backward(op, [value, off_pair_alignment(loc), weights])
+    for name, r, e in zip(
+        ("output", "value", "locations", "weights"), results, expected, strict=True
+    ):
+        if name == "value" and not deterministic:  # atomics add in any order
+            torch.testing.assert_close(r, e, msg=name)
+        else:
+            assert torch.equal(r, e), name
 
 
 def test_msda_non_finite_attention_weights():
