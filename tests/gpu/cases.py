@@ -49,6 +49,15 @@ def msda_inputs(case, device: str, dtype: torch.dtype, loc_dtype: torch.dtype | 
     return value, shapes, starts, loc, weights
 
 
+def off_pair_alignment(t: Tensor) -> Tensor:
+    """A contiguous copy of ``t`` one element into a fresh storage, so that its first
+    element is not aligned to two elements (locations then take per-element loads)."""
+    shifted = torch.empty(t.numel() + 1, device=t.device, dtype=t.dtype)[1:].view_as(t)
+    shifted.copy_(t)
+    assert shifted.data_ptr() % (2 * t.element_size()) != 0
+    return shifted
+
+
 def msda_non_finite_inputs(dtype: torch.dtype):
     """``msda_inputs`` of MSDA_CASES[2] on CUDA with NaN and infinite attention weights in
     image 0 (image 1 all finite)."""

@@ -16,6 +16,7 @@ from cases import (
     conv_inputs,
     msda_inputs,
     msda_non_finite_inputs,
+    off_pair_alignment,
     roi_inputs,
 )
 
@@ -35,6 +36,9 @@ def run_all_cases() -> None:
             msda_forward_backward(*msda_inputs(case, "cuda", dtype))
         # Non-finite attention weights: the backward must not add at corners it skips.
         msda_forward_backward(*msda_non_finite_inputs(dtype))
+        # Locations off their pair alignment: per-element loads.
+        value, shapes, starts, loc, weights = msda_inputs(MSDA_CASES[2], "cuda", dtype)
+        msda_forward_backward(value, shapes, starts, off_pair_alignment(loc), weights)
         for case in CONV_CASES:
             kwargs = conv_inputs(case, "cuda", dtype)
             for key in ("input", "offset", "weight", "mask", "bias"):

@@ -6,7 +6,14 @@ from __future__ import annotations
 import naive
 import pytest
 import torch
-from cases import CONV_CASES, MSDA_CASES, conv_inputs, msda_inputs, msda_non_finite_inputs
+from cases import (
+    CONV_CASES,
+    MSDA_CASES,
+    conv_inputs,
+    msda_inputs,
+    msda_non_finite_inputs,
+    off_pair_alignment,
+)
 from conftest import make_conv_inputs, make_msda_inputs
 
 import deformops
@@ -35,6 +42,14 @@ def _forward_backward(fn, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [out.detach(), *(leaf.grad for leaf in leaves)]
 
 
+def _deterministic_if(flag: bool, request: pytest.FixtureRequest) -> None:
+    """``torch.use_deterministic_algorithms(True)`` for the rest of the test when ``flag``
+    (the ``deterministic`` fixture: a test parameter of that name would shadow it)."""
+    if flag:
+        request.getfixturevalue("deterministic")
+    assert torch.are_deterministic_algorithms_enabled() == flag
+
+
 @pytest.fixture(autouse=True)
 def _native_backend():
     torch.manual_seed(0)
@@ -51,14 +66,13 @@ def test_native_cuda_kernels_are_used(op):
 @pytest.mark.parametrize("case", MSDA_CASES, ids=lambda c: f"D{c[3]}-L{len(c[0])}-P{c[4]}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("float32_locations", [False, True], ids=["loc-same", "loc-fp32"])
-@pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])
-def test_msda_matches_float64(case, dtype, float32_locations, deterministic, request):
+@pytest.mark.parametrize("flag", [False, True], ids=["default", "deterministic"])
+def test_msda_matches_float64(case, dtype, float32_locations, flag, request):
     """Both backward paths; the deterministic gather's two layouts (cases under two
     samples per position and head on average take the sparse one) among the cases."""
     if float32_locations and dtype in (torch.float32, torch.float64):
         pytest.skip("float32 locations differ from the value's dtype only for half values")
-    if deterministic:
-        request.getfixturevalue("deterministic")
+    _deterministic_if(flag, request)
     value, shapes, starts, loc, weights = msda_inputs(
         case, "cuda", dtype, torch.float32 if float32_locations else None
     )
@@ -100,6 +114,29 @@ def test_conv_matches_float64(case, dtype, channels_last):
     expected = _forward_backward(op, [kwargs[k].double().cpu() for k in names])
     for name, r, e in zip(["output", *names], results, expected, strict=True):
         assert _relative_error(r, e) <= TOLERANCE[dtype], name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("flag", [False, True], ids=["default", "deterministic"])
+def test_msda_locations_off_their_pair_alignment(dtype, flag, request):
+    """The kernels load a location's (x, y) in one instruction where the locations are
+    aligned to two elements, else element by element: the same results (the value
+    gradient's atomics add in any order: bit for bit only in deterministic mode)."""
+    _deterministic_if(flag, request)
+    value, shapes, starts, loc, weights = msda_inputs(MSDA_CASES[2], "cuda", dtype)
+
+    def op(v, lo, w):
+        return deformops.multi_scale_deformable_attention(v, shapes, starts, lo, w)
+
+    expected = _forward_backward(op, [value, loc, weights])
+    results = _forward_backward(op, [value, off_pair_alignment(loc), weights])
+    for name, r, e in zip(
+        ("output", "value", "locations", "weights"), results, expected, strict=True
+    ):
+        if name == "value" and not flag:
+            assert _relative_error(r, e) <= TOLERANCE[dtype], name
+        else:
+            assert torch.equal(r, e), name
 
 
 def test_msda_non_finite_attention_weights():
@@ -277,11 +314,10 @@ def _on_cuda(value):
 
 
 @pytest.mark.parametrize("name", sorted(EMPTY_CASES))
-@pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])
-def test_empty_problems(name, deterministic, request):
+@pytest.mark.parametrize("flag", [False, True], ids=["default", "deterministic"])
+def test_empty_problems(name, flag, request):
     """No kernel of an empty problem runs on a bad size; the gradients are zeros."""
-    if deterministic:
-        request.getfixturevalue("deterministic")
+    _deterministic_if(flag, request)
     fn, make, shape = EMPTY_CASES[name]
     args = {k: _on_cuda(v) for k, v in make().items()}
     out = fn(**args)

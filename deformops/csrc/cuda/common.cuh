@@ -172,6 +172,21 @@ __device__ __forceinline__ A load_either(const void* p, bool is_float, int64_t i
   return static_cast<A>(widen(__ldcs(static_cast<const T*>(p) + i)));
 }
 
+// Elements 2i and 2i + 1 of an array stored as float (`is_float`) or as T,
+// widened to A: one load where `paired` (`p` aligned to two elements), else two.
+template <typename A, typename T>
+__device__ __forceinline__ void load_pair_either(const void* p, bool is_float, bool paired,
+                                                 int64_t i, A (&out)[2]) {
+  if (paired && is_float) {
+    load_vec_streaming<2>(static_cast<const float*>(p) + 2 * i, out);
+  } else if (paired) {
+    load_vec_streaming<2>(static_cast<const T*>(p) + 2 * i, out);
+  } else {
+    out[0] = load_either<A, T>(p, is_float, 2 * i);
+    out[1] = load_either<A, T>(p, is_float, 2 * i + 1);
+  }
+}
+
 // Stores `v` as element `i` of an array stored as float (`is_float`) or as T.
 template <typename T, typename A>
 __device__ __forceinline__ void store_either(void* p, bool is_float, int64_t i, A v) {

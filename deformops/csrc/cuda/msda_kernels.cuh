@@ -133,6 +133,7 @@ struct Args {
   const void* locations;
   const void* weights;
   bool locations_float;  // locations stored as float (else as T)
+  bool locations_paired;  // locations aligned to two elements: (x, y) in one load
   bool weights_float;    // attention weights stored as float (else as T)
 };
 
@@ -168,11 +169,10 @@ __device__ __forceinline__ Located<C> locate(const Args<T>& a, int64_t index, in
   Located<C> at;
   at.h = __ldg(a.spatial_shapes + 2 * l);
   at.w = __ldg(a.spatial_shapes + 2 * l + 1);
-  at.x = load_either<C, T>(a.locations, a.locations_float, 2 * index) * static_cast<C>(at.w) -
-         C(0.5);
-  at.y = load_either<C, T>(a.locations, a.locations_float, 2 * index + 1) *
-             static_cast<C>(at.h) -
-         C(0.5);
+  C xy[2];
+  load_pair_either<C, T>(a.locations, a.locations_float, a.locations_paired, index, xy);
+  at.x = xy[0] * static_cast<C>(at.w) - C(0.5);
+  at.y = xy[1] * static_cast<C>(at.h) - C(0.5);
   at.corners = bilinear_corners<C>(at.y, at.x, at.h, at.w);
   rebase_corners(at.corners, __ldg(a.level_start + l), a.s.spatial);
   return at;
@@ -672,6 +672,8 @@ Args<T> make_args(const MsdaInputs& in, const Layout& lay) {
   a.locations = in.sampling_locations;
   a.weights = in.attention_weights;
   a.locations_float = in.locations_dtype == Dtype::kFloat32;
+  a.locations_paired =
+      is_aligned(in.sampling_locations, a.locations_float ? 2 * sizeof(float) : 2 * sizeof(T));
   a.weights_float = in.weights_dtype == Dtype::kFloat32;
   return a;
 }
