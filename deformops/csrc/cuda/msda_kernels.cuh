@@ -63,12 +63,16 @@ namespace deformops::gpu::msda_detail {
 
 constexpr int kBlock = 256;
 
-// Threads per block of the forward and backward kernels: one warp, not kBlock's
-// eight, so that a block's slot on its SM frees as soon as its own warp ends
-// rather than when the slowest of eight does, and the SMs stay busy later into
-// the kernel's tail (benchmarks/NOTES.md, twelfth session: m2f_enc float32's
-// forward 0.228 -> 0.223 ms in the benchmark, against blocks of 256 threads).
-constexpr int kSampleBlock = 32;
+// Threads per block the forward and backward kernels are compiled for (their
+// launch bounds). They are launched with sample_block() threads: one warp where
+// the GPU keeps 32 blocks per SM resident (sm_80, sm_90), so that a block's
+// slot on its SM frees as soon as its own warp ends rather than when the slowest
+// of several does, and the SMs stay busy later into the kernel's tail
+// (benchmarks/NOTES.md, twelfth session: m2f_enc float32's forward 0.228 ->
+// 0.223 ms in the benchmark on an H100, against blocks of 256 threads); else
+// kSampleBlock, so that GPUs with fewer resident blocks per SM (16 on sm_86, 24
+// on sm_89) still fill the threads below.
+constexpr int kSampleBlock = 128;
 
 // Resident threads per SM the kernels are compiled for (their register budget,
 // chosen so that nothing spills: scripts/check_cuda_compile.py). The forward
@@ -398,8 +402,9 @@ __global__ void __launch_bounds__(kSampleBlock, kForwardBlocks)
   const Layout& lay = a.lay;
   const GroupLanes g = group_lanes(s, lay);
   const int passes = ONE_PASS ? 1 : lay.passes;
-  for (int64_t base = static_cast<int64_t>(blockIdx.x) * kSampleBlock; base < lay.threads;
-       base += static_cast<int64_t>(gridDim.x) * kSampleBlock) {
+  const int64_t block = blockDim.x;
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * block; base < lay.threads;
+       base += static_cast<int64_t>(gridDim.x) * block) {
     const Position pos = locate(s, lay, base + threadIdx.x);
     const T* value_nm = a.value + opaque(pos.n * s.spatial * g.row + pos.m * s.channels);
     for (int pass = 0; pass < passes; ++pass) {
@@ -462,8 +467,9 @@ __global__ void __launch_bounds__(kSampleBlock, backward_blocks<G, ONE_PASS>())
   const Layout& lay = a.lay;
   const GroupLanes g = group_lanes(s, lay);
   const int passes = ONE_PASS ? 1 : lay.passes;
-  for (int64_t base = static_cast<int64_t>(blockIdx.x) * kSampleBlock; base < lay.threads;
-       base += static_cast<int64_t>(gridDim.x) * kSampleBlock) {
+  const int64_t block = blockDim.x;
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * block; base < lay.threads;
+       base += static_cast<int64_t>(gridDim.x) * block) {
     const Position pos = locate(s, lay, base + threadIdx.x);
     const int64_t value_offset = opaque(pos.n * s.spatial * g.row + pos.m * s.channels);
     const T* value_nm = a.value + value_offset;
@@ -570,26 +576,38 @@ __global__ void __launch_bounds__(kBlock)
   }
 }
 
-// Number of SMs of the current device (132 if it cannot be read), cached per device.
-inline int sm_count() {
+// Attribute kAttr of the current device (`fallback` if it cannot be read),
+// cached per device.
+template <cudaDeviceAttr kAttr>
+int device_attribute(int fallback) {
   constexpr int kDevices = 64;
   static std::atomic<int> cache[kDevices] = {};
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess) {
-    return 132;
+    return fallback;
   }
   if (device >= 0 && device < kDevices && cache[device].load(std::memory_order_relaxed) > 0) {
     return cache[device].load(std::memory_order_relaxed);
   }
-  int count = 0;
-  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-      count <= 0) {
-    return 132;
+  int value = 0;
+  if (cudaDeviceGetAttribute(&value, kAttr, device) != cudaSuccess || value <= 0) {
+    return fallback;
   }
   if (device >= 0 && device < kDevices) {
-    cache[device].store(count, std::memory_order_relaxed);
+    cache[device].store(value, std::memory_order_relaxed);
   }
-  return count;
+  return value;
+}
+
+// Number of SMs of the current device (132 if it cannot be read).
+inline int sm_count() { return device_attribute<cudaDevAttrMultiProcessorCount>(132); }
+
+// Threads per block of the forward and backward kernels at launch (kSampleBlock
+// says why): one warp where 32 blocks of it cover the 1,024 threads per SM the
+// kernels are compiled for at most, else kSampleBlock.
+inline int sample_block() {
+  return device_attribute<cudaDevAttrMaxBlocksPerMultiprocessor>(0) * 32 >= 1024 ? 32
+                                                                                 : kSampleBlock;
 }
 
 inline int ceil_log2(int64_t x) {
@@ -712,14 +730,15 @@ cudaError_t launch_forward(const MsdaInputs& in, T* output, bool aligned, cudaSt
     return cudaSuccess;
   }
   const Args<T> a = make_args<T>(in, lay);
-  const unsigned int grid = grid_for(lay.threads, kSampleBlock);
+  const int block = sample_block();
+  const unsigned int grid = grid_for(lay.threads, block);
   if constexpr (F::kEnabled) {
     if (lay.fast) {
-      msda_forward_kernel<T, F::kVec, true><<<grid, kSampleBlock, 0, stream>>>(a, output);
+      msda_forward_kernel<T, F::kVec, true><<<grid, block, 0, stream>>>(a, output);
       return cudaGetLastError();
     }
   }
-  msda_forward_kernel<T, 1, false><<<grid, kSampleBlock, 0, stream>>>(a, output);
+  msda_forward_kernel<T, 1, false><<<grid, block, 0, stream>>>(a, output);
   return cudaGetLastError();
 }
 
@@ -747,16 +766,17 @@ cudaError_t launch_backward(const MsdaInputs& in, const T* grad_output, G* grad_
     return cudaSuccess;
   }
   const Args<T> a = make_args<T>(in, lay);
-  const unsigned int grid = grid_for(lay.threads, kSampleBlock);
+  const int block = sample_block();
+  const unsigned int grid = grid_for(lay.threads, block);
   if constexpr (F::kEnabled) {
     if (lay.fast) {
-      msda_backward_kernel<T, G, F::kVec, true><<<grid, kSampleBlock, 0, stream>>>(
+      msda_backward_kernel<T, G, F::kVec, true><<<grid, block, 0, stream>>>(
           a, grad_output, grad_value, grads.grad_sampling_locations,
           grads.grad_attention_weights);
       return cudaGetLastError();
     }
   }
-  msda_backward_kernel<T, G, 1, false><<<grid, kSampleBlock, 0, stream>>>(
+  msda_backward_kernel<T, G, 1, false><<<grid, block, 0, stream>>>(
       a, grad_output, grad_value, grads.grad_sampling_locations, grads.grad_attention_weights);
   return cudaGetLastError();
 }
