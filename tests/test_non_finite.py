@@ -22,6 +22,12 @@ from test_deform_roi_pool import make_roi_inputs
 import deformops
 
 DTYPES = (torch.float32, torch.float64)
+
+# Every test runs on each device and dtype.
+pytestmark = [
+    pytest.mark.parametrize("device", DEVICES),
+    pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch.")),
+]
 NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 # Entries of the locations set to a non-finite number (and, for the comparison, far away).
 MSDA_LOCATIONS = ((0, 1, 0, 0, 0, 0), (1, 2, 1, 1, 1, 1), (0, 4, 1, 2, 2, 0))
@@ -104,8 +110,6 @@ def _located_cases() -> dict[str, tuple[Callable, dict[str, Any], str, tuple, tu
     }
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("number", list(NON_FINITE))
 @pytest.mark.parametrize("op", ["msda", "conv", "roi"])
 def test_non_finite_location_samples_zero(
@@ -157,8 +161,6 @@ def _uncovered_cases() -> dict[str, tuple[Callable, dict[str, Any], tuple[str, t
     }
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("number", list(NON_FINITE))
 @pytest.mark.parametrize("op", ["msda", "conv", "roi"])
 def test_non_finite_value_no_sample_covers_reaches_nothing(
@@ -227,8 +229,6 @@ def _conv_nan_mask():
     return deformops.deform_conv2d, args, bad, may_differ, CONV_GRADS
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("case", [_msda_nan_weight, _conv_nan_mask], ids=["msda", "conv"])
 def test_nan_multiplier_stays_in_its_sample(
     backend: str, case: Callable, dtype: torch.dtype, device: str
