@@ -6,7 +6,8 @@
 #
 # SOURCE is a git revision (branch, tag or commit) or a patch file (*.patch or *.diff,
 # applied with `git apply` onto main). Each variant's deformops/, scripts/ and tests/
-# folders go to .peer/v/NAME, which git ignores: name .peer in the device call's carry.
+# folders and its pyproject.toml (pytest's settings, so that its tests run as in the
+# repository) go to .peer/v/NAME, which git ignores: name .peer in the device call's carry.
 # The working tree itself is the variant `tree` of scripts/ab_run.sh (no need to prepare
 # it). Exit status: 0 when every variant was prepared.
 set -euo pipefail
@@ -14,7 +15,7 @@ set -euo pipefail
 (($#)) || { echo "usage: scripts/ab_prepare.sh NAME=SOURCE [NAME=SOURCE ...]" >&2; exit 2; }
 ROOT=$(git rev-parse --show-toplevel)
 cd "$ROOT"
-PARTS=(deformops scripts tests)
+PARTS=(deformops scripts tests pyproject.toml)
 
 for spec in "$@"; do
     name=${spec%%=*}

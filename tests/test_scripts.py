@@ -35,8 +35,12 @@ def clone(tmp_path: Path) -> Path:
 
 
 def _prepare(repo: Path, *specs: str) -> subprocess.CompletedProcess[str]:
+    """This checkout's scripts/ab_prepare.sh, run in ``repo``."""
     return subprocess.run(
-        ["bash", "scripts/ab_prepare.sh", *specs], cwd=repo, capture_output=True, text=True
+        ["bash", str(ROOT / "scripts" / "ab_prepare.sh"), *specs],
+        cwd=repo,
+        capture_output=True,
+        text=True,
     )
 
 
@@ -60,6 +64,7 @@ def test_ab_prepare_takes_revisions_and_patches(clone: Path):
     for name in ("base", "patched", "branch"):
         for part in ("deformops", "scripts", "tests"):
             assert (variants / name / part).is_dir(), (name, part)
+        assert (variants / name / "pyproject.toml").is_file(), name
     assert (variants / "base" / "deformops" / "_version.py").read_text() == original
     assert (variants / "patched" / "deformops" / "_version.py").read_text() == original + marker
     assert (variants / "branch" / "tests" / "only_on_other.txt").exists()
