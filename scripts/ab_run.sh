@@ -19,7 +19,8 @@
 #   5. with AB_RECORD=NAME, or `best` (the variant of least summed forward+backward time
 #      in the harness), the MSDA benchmark of that variant with the peers side by side
 #      (OUTDIR/record/msda.json and msda.png).
-# Environment: AB_CASES (profile_kernels cases; default the six MSDA cells below),
+# Environment: AB_CASES (profile_kernels cases; default m2f_enc fp32, bf16 and fp16,
+# detr_enc fp32 and bf16, detr_dec fp32),
 # AB_ROUNDS (2), AB_HARNESS (default m2f_enc:fp32), AB_TESTS, AB_RECORD (default: none),
 # PYTHON, PEERDIR (/tmp/deformops-peer), DEFORMOPS_CACHE_DIR (/tmp/deformops-ab-cache).
 # Every step runs under a time limit; all output also goes to OUTDIR/ab_run.log.
